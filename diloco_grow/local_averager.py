@@ -1,0 +1,72 @@
+"""In-process Averager with the network round's exact arithmetic and byte accounting.
+
+The vector is cut into one block-aligned shard per worker, as in the swarm's
+reduce-scatter; each shard's mean is the weighted fp32 mean of the decoded
+contributions, encoded once and decoded by everybody. Byte counters count the frames a
+worker would put on the wire (its shards for the other reducers, plus its reduced shard
+for every other member), so simulated and networked runs report comparable traffic.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from compression.codec import Encoded, concat, get_codec, shard_bounds
+from compression.wire import pack
+from diloco_grow.outer import RoundResult
+
+
+def shard_align(enc: Encoded) -> int:
+    # int4 packs two values per byte, so shards must also start on an even element.
+    return max(2, enc.block_size + enc.block_size % 2)
+
+
+def weighted_mean_encoded(shards: list[Encoded], weights: list[float], codec_name: str,
+                          block_size: int) -> Encoded:
+    """Decode every contribution to fp32, take the weighted mean, encode it once."""
+    codec = get_codec(codec_name, block_size)
+    total = float(sum(weights))
+    if total <= 0:
+        raise ValueError("round weights sum to zero")
+    acc = torch.zeros(shards[0].numel, dtype=torch.float32)
+    for enc, w in zip(shards, weights, strict=True):
+        acc.add_(codec.decode(enc).reshape(-1), alpha=w / total)
+    return codec.encode(acc)
+
+
+class LocalAverager:
+    """All workers live in this process; `average` receives every contribution at once."""
+
+    def __init__(self, codec_name: str, block_size: int) -> None:
+        self.codec_name, self.block_size = codec_name, block_size
+        self.codec = get_codec(codec_name, block_size)
+        self.bytes_sent_total = 0  # per worker, cumulative
+
+    def average(self, contributions: list[tuple[Encoded, float]], *, step: int,
+                params_hash: str, vote: dict | None = None) -> RoundResult:
+        t0 = time.perf_counter()
+        encs = [enc for enc, _ in contributions]
+        weights = [float(w) for _, w in contributions]
+        n = len(encs)
+        numel = encs[0].numel
+        if any(e.numel != numel for e in encs):
+            raise ValueError("contributions have different lengths")
+        bounds = shard_bounds(numel, shard_align(encs[0]), n)
+        mean_shards, sent = [], [0] * n
+        for r, (lo, hi) in enumerate(bounds):  # r: the reducer of this shard
+            parts = [e.slice(lo, hi) for e in encs]
+            mean = weighted_mean_encoded(parts, weights, self.codec_name, self.block_size)
+            mean_shards.append(mean)
+            if n > 1 and hi > lo:
+                for w in range(n):
+                    if w != r:
+                        sent[w] += len(pack(parts[w]))  # contribution to reducer r
+                sent[r] += (n - 1) * len(pack(mean))  # reduced shard to everybody else
+        # Everybody decodes the same bytes, so θ_g stays bit-identical across workers.
+        mean_flat = self.codec.decode(concat(mean_shards)).reshape(-1)
+        per_worker = max(sent)
+        self.bytes_sent_total += per_worker
+        return RoundResult(mean=mean_flat, members=n, bytes_sent=per_worker,
+                           bytes_recv=per_worker, seconds=time.perf_counter() - t0)

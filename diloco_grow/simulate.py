@@ -1,0 +1,170 @@
+"""In-process swarm: M DiLoCo workers in one process, for research and fast tests.
+
+The loop below is the whole algorithm; the networked peer (peer.py) runs the same
+steps with a network Averager instead of LocalAverager.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from diloco_grow import checkpoint as ckpt
+from diloco_grow.config import RunConfig
+from diloco_grow.data import BatchStream, Corpus, load_corpus, val_batches
+from diloco_grow.growth import GrowthEvent
+from diloco_grow.local_averager import LocalAverager
+from diloco_grow.metrics import MetricsWriter, read_jsonl
+from diloco_grow.model import MoETransformer
+from diloco_grow.outer import assign_flat
+from diloco_grow.train import evaluate, lr_at, make_optimizer
+from diloco_grow.worker import GlobalState, Worker
+
+
+@dataclass(frozen=True)
+class SimSpec:
+    workers: int = 4
+    outer_steps: int = 10
+    out_dir: str = "runs/simulate"
+    grow: tuple[tuple[int, GrowthEvent], ...] = ()  # (after outer step s, event)
+    checkpoint_every: int = 0  # 0: only at the end
+    resume: bool = False
+    progress: bool = True
+    stop_after: int | None = None  # end this process early (checkpointed), as if interrupted
+    device: str = "cpu"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _val_loss(g: GlobalState, val: list, device: str) -> float:
+    model = MoETransformer(g.model_cfg)
+    assign_flat(model, g.theta)
+    return evaluate(model.to(device), val, device)
+
+
+def simulate(cfg: RunConfig, spec: SimSpec, corpus: Corpus | None = None) -> dict[str, Any]:
+    """Run DiLoCo with `spec.workers` workers; returns the final summary record."""
+    corpus = corpus or load_corpus(cfg.data.path, cfg.data.val_fraction)
+    out = Path(spec.out_dir)
+    ckpt_path = out / "checkpoint.safetensors"
+    H, S, M = cfg.inner.steps, spec.outer_steps, spec.workers
+    val = val_batches(corpus, seq_len=cfg.model.seq_len, batch_size=cfg.inner.batch_size,
+                      n_batches=cfg.data.val_batches)
+
+    # --- state: shared θ_g + one Worker per island --------------------------------------
+    g = GlobalState.init(cfg)
+    totals = {"tokens": 0, "bytes_sent_per_worker": 0, "wall_s": 0.0}
+    tensors = meta = None
+    if spec.resume:
+        tensors, meta = ckpt.read_checkpoint(ckpt_path)
+        g = ckpt.global_from(tensors, meta)
+        totals = meta["extra"]["totals"]
+    workers = [Worker(cfg, g, corpus, worker=w, n_workers=M, total_inner_steps=S * H,
+                      device=spec.device) for w in range(M)]
+    if tensors is not None:
+        ckpt.restore_workers(workers, tensors, meta)
+        kept = [r for r in read_jsonl(out / "metrics.jsonl") if r.get("step", 0) <= g.step]
+    averager = LocalAverager(cfg.outer.compression, cfg.outer.block_size)
+    metrics = MetricsWriter(out / "metrics.jsonl")
+    if tensors is not None:
+        for r in kept:
+            metrics.write(r)
+    schedule = dict(spec.grow)
+    t_start = time.perf_counter() - totals["wall_s"]
+    bar = tqdm(total=S, initial=g.step, desc="outer steps", disable=not spec.progress)
+
+    record: dict[str, Any] = {}
+    while g.step < S and (spec.stop_after is None or g.step < spec.stop_after):
+        # --- inner phase: every worker runs H AdamW steps from θ_g ------------------------
+        stats = [w.inner_phase(H) for w in workers]
+        totals["tokens"] += sum(s.tokens for s in stats)
+
+        # --- outer step: average int8 pseudo-gradients, Nesterov on θ_g ------------------
+        contribs = [w.contribution(g) for w in workers]
+        result = averager.average(contribs, step=g.step, params_hash=g.hash())
+        g.outer_step(result.mean)
+        for w in workers:
+            w.sync_to(g)
+        totals["bytes_sent_per_worker"] += result.bytes_sent
+
+        # --- growth, at an outer-step boundary, identical for all workers ---------------
+        val_loss = _val_loss(g, val, spec.device)
+        if g.step in schedule:
+            event = schedule[g.step]
+            n_before = sum(p.numel() for p in workers[0].model.parameters())
+            index_map = g.grow(event)
+            for w in workers:
+                w.follow_growth(g, index_map)
+            val_after = _val_loss(g, val, spec.device)
+            metrics.write({"step": g.step, "tokens": totals["tokens"], "event": {
+                **event.to_dict(), "hash": event.hash(), "outer_step": g.step,
+                "n_params_before": n_before, "n_params_after": int(g.theta.numel()),
+                "val_loss_before": val_loss, "val_loss_after": val_after}})
+            val_loss = val_after
+
+        # --- metrics and checkpoint ------------------------------------------------------
+        totals["wall_s"] = time.perf_counter() - t_start
+        record = {"step": g.step, "train_loss": sum(s.ce_loss for s in stats) / M,
+                  "val_loss": val_loss, "tokens": totals["tokens"],
+                  "bytes_sent_per_worker": totals["bytes_sent_per_worker"],
+                  "wall_s": round(totals["wall_s"], 3), "n_params": int(g.theta.numel()),
+                  "arch_epoch": g.arch_epoch, "params_hash": g.hash(), "members": M}
+        metrics.write(record)
+        bar.update(1)
+        bar.set_postfix(val=f"{val_loss:.3f}")
+        if (spec.checkpoint_every and g.step % spec.checkpoint_every == 0) or g.step in (S, spec.stop_after):
+            ckpt.save_checkpoint(ckpt_path, g, workers, {"totals": totals})
+    bar.close()
+    metrics.close()
+    return {**record, "outer_steps": g.step, "workers": M, "compression": cfg.outer.compression,
+            "inner_steps": H}
+
+
+def train_sync(cfg: RunConfig, spec: SimSpec, corpus: Corpus | None = None) -> dict[str, Any]:
+    """Baseline: synchronous data-parallel AdamW, gradients averaged every step in fp32.
+
+    Same workers' data streams and token budget as DiLoCo; gradient averaging over M
+    equal batches is the gradient of their concatenation, so it runs as one model."""
+    corpus = corpus or load_corpus(cfg.data.path, cfg.data.val_fraction)
+    out = Path(spec.out_dir)
+    H, S, M = cfg.inner.steps, spec.outer_steps, spec.workers
+    val = val_batches(corpus, seq_len=cfg.model.seq_len, batch_size=cfg.inner.batch_size,
+                      n_batches=cfg.data.val_batches)
+    torch.manual_seed(cfg.seed)
+    model = MoETransformer(cfg.model).to(spec.device)
+    opt = make_optimizer(model, cfg.inner)
+    streams = [BatchStream(corpus, seq_len=cfg.model.seq_len, batch_size=cfg.inner.batch_size,
+                           seed=cfg.seed, worker=w, n_workers=M, mode=cfg.data.mode)
+               for w in range(M)]
+    n_params = sum(p.numel() for p in model.parameters())
+    # A ring all-reduce of fp32 gradients sends 2·(M−1)/M·N·4 bytes per worker per step.
+    bytes_per_step = int(2 * (M - 1) / M * n_params * 4) if M > 1 else 0
+    metrics = MetricsWriter(out / "metrics.jsonl")
+    t0, tokens, step, record = time.perf_counter(), 0, 0, {}
+    for s in tqdm(range(S), desc="sync DP (H-step chunks)", disable=not spec.progress):
+        ce_sum = 0.0
+        for _ in range(H):
+            for group in opt.param_groups:
+                group["lr"] = lr_at(cfg.inner, step, S * H)
+            batches = [st.next() for st in streams]
+            x = torch.cat([b[0] for b in batches]).to(spec.device)
+            y = torch.cat([b[1] for b in batches]).to(spec.device)
+            out_ = model(x, y)
+            opt.zero_grad(set_to_none=True)
+            out_.loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.inner.clip)
+            opt.step()
+            step += 1
+            tokens += x.numel()
+            ce_sum += out_.ce_loss.item()
+        record = {"step": s + 1, "train_loss": ce_sum / H, "val_loss": evaluate(model, val, spec.device),
+                  "tokens": tokens, "bytes_sent_per_worker": bytes_per_step * step,
+                  "wall_s": round(time.perf_counter() - t0, 3), "n_params": n_params, "members": M}
+        metrics.write(record)
+    metrics.close()
+    return {**record, "outer_steps": S, "workers": M, "compression": "none (sync DP)",
+            "inner_steps": H}
