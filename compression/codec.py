@@ -123,9 +123,12 @@ class Encoded:
         if not 0 <= start <= end <= n:
             raise ValueError(f"slice [{start}, {end}) out of range for {n} elements")
         a = self.align
-        if start % a or (end % a and end != n):
+        # start == n happens for trailing empty shards (shard_bounds clamps them to numel)
+        if (start % a and start != n) or (end % a and end != n):
             raise ValueError(f"slice [{start}, {end}) not aligned to {a} elements")
         bits = LAYOUTS[self.codec].bits
+        if start == end:
+            start = end = 0  # an empty range holds no bytes (and no partial block)
         payload = self.payload[start * bits // 8 : (end * bits + 7) // 8]
         if LAYOUTS[self.codec].scaled:
             scales = self.scales[start // self.block_size : -(-end // self.block_size)]
@@ -162,7 +165,7 @@ def shard_bounds(numel: int, align: int, n_shards: int) -> list[tuple[int, int]]
 
     Whole aligned units are dealt out as evenly as possible (the first shards get one extra
     unit), so shards differ by at most `align` elements; with fewer units than shards the
-    trailing shards are empty.
+    trailing shards are empty, [numel, numel).
     """
     if numel < 0 or align < 1 or n_shards < 1:
         raise ValueError(f"bad shard_bounds({numel}, {align}, {n_shards})")

@@ -88,3 +88,106 @@ def plot(metrics: tuple[str, ...], out: str, label: tuple[str, ...]) -> None:
 
     path = plot_runs(list(metrics), out, list(label) or None)
     click.echo(f"wrote {path}")
+
+
+@main.command()
+@click.option("--run", "run_name", default="diloco", show_default=True, help="Run (swarm) name.")
+@click.option("--join", multiple=True, help="Multiaddr of a live peer (repeatable).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on.")
+@click.option("--port", default=0, show_default=True, help="DHT port (0: any free port).")
+@click.option("--announce-host", help="Public address to announce (behind NAT / in a container).")
+@click.option("--preset", type=click.Choice(["tiny", "small", "base"]), help="Model preset.")
+@click.option("--config", type=click.Path(dir_okay=False), help="Run TOML file.")
+@click.option("--data", type=click.Path(exists=True), help="Text file or folder (default: stdlib).")
+@click.option("--inner-steps", "-H", type=int, help="Inner AdamW steps per round.")
+@click.option("--compression", type=click.Choice(["int8", "int4", "bnb8", "fp16", "none"]))
+@click.option("--checkpoint-dir", type=click.Path(file_okay=False), help="Checkpoint folder.")
+@click.option("--out-dir", default="runs/peer", show_default=True, help="Metrics folder.")
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
+@click.option("--grow", default="", help='Growth votes, e.g. "experts:2@20" (kind:factor@step).')
+@click.option("--max-rounds", type=int, help="Leave after this many rounds.")
+@click.option("--matchmaking-s", default=2.0, show_default=True, help="Group-forming window.")
+@click.option("--round-timeout-s", default=60.0, show_default=True, help="Give up a round after.")
+@click.option("--min-peers", default=1, show_default=True, help="Fewest members for growth.")
+@click.option("--seed", type=int, help="Seed of the initial θ_g (same on every peer).")
+def peer(run_name: str, join: tuple[str, ...], host: str, port: int, announce_host: str | None,
+         preset: str | None, config: str | None, data: str | None, inner_steps: int | None,
+         compression: str | None, checkpoint_dir: str | None, out_dir: str, device: str,
+         grow: str, max_rounds: int | None, matchmaking_s: float, round_timeout_s: float,
+         min_peers: int, seed: int | None) -> None:
+    """Run one peer of a swarm; prints `ready <multiaddr>` once others can join it."""
+    import logging
+
+    from diloco_grow.growth import parse_schedule
+    from diloco_grow.peer import PeerOptions, run_peer
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        cfg = build_config(config, preset, {"inner.steps": inner_steps, "data.path": data,
+                                            "outer.compression": compression, "run.seed": seed})
+        schedule = tuple(parse_schedule(grow)) if grow else ()
+        if device.startswith("cuda"):
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ConfigError("--device cuda but torch sees no GPU; install a CUDA build "
+                                  "(make install TORCH_SPEC=...) or use --device cpu")
+    except (ConfigError, ValueError) as e:
+        fail(str(e))
+    run_peer(cfg, PeerOptions(run=run_name, join=join, host=host, port=port,
+                              announce_host=announce_host, out_dir=out_dir,
+                              checkpoint_dir=checkpoint_dir, device=device,
+                              max_rounds=max_rounds, grow=schedule, matchmaking_s=matchmaking_s,
+                              round_timeout_s=round_timeout_s, min_peers=min_peers))
+
+
+@main.command()
+@click.option("--join", multiple=True, required=True, help="Multiaddr of a live peer.")
+@click.option("--run", "run_name", default="diloco", show_default=True, help="Run (swarm) name.")
+@click.option("--json", "as_json", is_flag=True, help='Print {"peers": [...]} as JSON.')
+@click.option("--timeout", default=30.0, show_default=True, help="Seconds to wait for the DHT.")
+def status(join: tuple[str, ...], run_name: str, as_json: bool, timeout: float) -> None:
+    """Show live peers of a run: step, arch epoch, θ_g hash, loss, speed, bytes."""
+    from peers.swarm import read_progress
+
+    try:
+        peers = read_progress(run_name, list(join), timeout=timeout)
+    except Exception as e:
+        fail(f"could not read the swarm's DHT via {list(join)}: {e}")
+    fields = ["peer_id", "step", "arch_epoch", "params_hash", "loss", "tokens_per_s", "bytes_sent"]
+    rows = [{k: p.get(k) for k in fields} for p in sorted(peers, key=lambda p: str(p.get("peer_id")))]
+    if as_json:
+        click.echo(json.dumps({"peers": rows}, sort_keys=True))
+        return
+    click.echo(f"{len(rows)} live peer(s) in run {run_name!r}")
+    click.echo(f"{'peer':<14}{'step':>6}{'epoch':>6}  {'params_hash':<18}{'loss':>8}"
+               f"{'tok/s':>9}{'bytes sent':>13}")
+    for r in rows:
+        loss = "-" if r["loss"] is None else f"{r['loss']:.4f}"
+        click.echo(f"{str(r['peer_id'])[-12:]:<14}{r['step']:>6}{r['arch_epoch']:>6}  "
+                   f"{str(r['params_hash']):<18}{loss:>8}{r['tokens_per_s'] or 0:>9.0f}"
+                   f"{r['bytes_sent'] or 0:>13}")
+
+
+@main.command()
+@click.option("--peers", default=3, show_default=True, help="Peer processes (>= 2).")
+@click.option("--minutes", default=3.0, show_default=True, help="How long the swarm trains.")
+@click.option("--preset", default="tiny", type=click.Choice(["tiny", "small"]), show_default=True)
+@click.option("--inner-steps", "-H", default=25, show_default=True, help="Inner steps per round.")
+@click.option("--grow", default="", help='Growth votes every peer casts, e.g. "experts:2@6".')
+@click.option("--out", default="runs/demo", show_default=True, help="Output folder.")
+def demo(peers: int, minutes: float, preset: str, inner_steps: int, grow: str, out: str) -> None:
+    """Start a real local swarm on 127.0.0.1 (one peer joins late), train, plot, stop."""
+    from diloco_grow.demo import DemoSpec, run_demo
+
+    if peers < 2:
+        fail("--peers must be >= 2")
+    summary = run_demo(DemoSpec(peers=peers, minutes=minutes, out_dir=out, preset=preset,
+                                inner_steps=inner_steps, grow=grow))
+    click.echo(json.dumps(summary, sort_keys=True))
+    if summary["steps_with_disagreeing_hashes"]:
+        fail(f"peers disagreed on θ_g at steps {summary['steps_with_disagreeing_hashes']}")
+
+
+if __name__ == "__main__":
+    main()

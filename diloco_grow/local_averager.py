@@ -13,9 +13,9 @@ import time
 
 import torch
 
-from compression.codec import Encoded, concat, get_codec, shard_bounds
+from compression.codec import Encoded, concat, shard_bounds
 from compression.wire import pack
-from diloco_grow.outer import RoundResult
+from diloco_grow.outer import RoundResult, make_codec
 
 
 def shard_align(enc: Encoded) -> int:
@@ -26,7 +26,7 @@ def shard_align(enc: Encoded) -> int:
 def weighted_mean_encoded(shards: list[Encoded], weights: list[float], codec_name: str,
                           block_size: int) -> Encoded:
     """Decode every contribution to fp32, take the weighted mean, encode it once."""
-    codec = get_codec(codec_name, block_size)
+    codec = make_codec(codec_name, block_size)
     total = float(sum(weights))
     if total <= 0:
         raise ValueError("round weights sum to zero")
@@ -41,7 +41,7 @@ class LocalAverager:
 
     def __init__(self, codec_name: str, block_size: int) -> None:
         self.codec_name, self.block_size = codec_name, block_size
-        self.codec = get_codec(codec_name, block_size)
+        self.codec = make_codec(codec_name, block_size)
         self.bytes_sent_total = 0  # per worker, cumulative
 
     def average(self, contributions: list[tuple[Encoded, float]], *, step: int,

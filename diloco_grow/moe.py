@@ -57,7 +57,9 @@ class MoE(nn.Module):
         """Returns (weights_TK, experts_TK, lb_loss, z_loss); routing runs in fp32."""
         E, K = self.n_experts, self.top_k
         T = x_TD.shape[0]
-        logits_TE = x_TD.float() @ self.w_router_ED.float().T
+        # fp32 even under autocast: top-k ties and the softmax tail are precision-sensitive.
+        with torch.autocast(device_type=x_TD.device.type, enabled=False):
+            logits_TE = x_TD.float() @ self.w_router_ED.float().T
         probs_TE = logits_TE.softmax(dim=-1)
         w_TK, idx_TK = probs_TE.topk(K, dim=-1)
         w_TK = w_TK / w_TK.sum(dim=-1, keepdim=True)

@@ -13,7 +13,13 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from compression.codec import Encoded
+from compression.codec import Codec, Encoded, get_codec
+
+
+def make_codec(name: str, block_size: int) -> Codec:
+    """The configured block size applies to our blockwise codecs; bnb8 keeps its own
+    block and the passthrough codecs have none."""
+    return get_codec(name, block_size if name in ("int8", "int4") else None)
 
 
 def flatten_params(model: nn.Module) -> torch.Tensor:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from compression.codec import Encoded, get_codec
+from compression.codec import Encoded
 from compression.feedback import ErrorFeedback
 from diloco_grow.config import RunConfig
 from diloco_grow.data import BatchStream, Corpus
@@ -16,6 +16,7 @@ from diloco_grow.growth import GrowthEvent, flat_index_map, grow_model
 from diloco_grow.model import ModelConfig, MoETransformer
 from diloco_grow.outer import (
     OuterOptimizer,
+    make_codec,
     assign_flat,
     flatten_params,
     params_hash,
@@ -76,7 +77,7 @@ class Worker:
         stream = BatchStream(corpus, seq_len=cfg.model.seq_len, batch_size=cfg.inner.batch_size,
                              seed=cfg.seed, worker=worker, n_workers=n_workers, mode=cfg.data.mode)
         self.inner = InnerTrainer(self.model, cfg.inner, stream, total_inner_steps, device)
-        codec = get_codec(cfg.outer.compression, cfg.outer.block_size)
+        codec = make_codec(cfg.outer.compression, cfg.outer.block_size)
         self.feedback = ErrorFeedback(codec) if cfg.outer.error_feedback else None
         self.codec = codec
         self.tokens_since_sync = 0
@@ -94,8 +95,27 @@ class Worker:
     def contribution(self, g: GlobalState) -> tuple[Encoded, float]:
         """Encode Δ = θ_g − θ (with error feedback); weight = tokens processed."""
         delta = pseudo_gradient(g.theta, self.model)
-        enc = self.feedback.compress(delta) if self.feedback else self.codec.encode(delta)
+        if self.feedback is None:
+            return self.codec.encode(delta), float(max(1, self.tokens_since_sync))
+        # Keep the old residual: if the round fails, Δ is sent again next time and the
+        # residual must not count this attempt's quantization error twice.
+        r = self.feedback.residual
+        self._residual_backup = None if r is None else r.clone()
+        enc = self.feedback.compress(delta)
         return enc, float(max(1, self.tokens_since_sync))
+
+    def round_failed(self) -> None:
+        """The round was not applied: undo this attempt's error-feedback update."""
+        if self.feedback is not None:
+            self.feedback.residual = getattr(self, "_residual_backup", None)
+
+    def resync(self, g: GlobalState) -> None:
+        """Adopt a downloaded θ_g: our local progress and residual belong to another history."""
+        self.model = self._model_at(g)
+        if self.feedback is not None:
+            self.feedback.residual = None
+        self.inner.reset_optimizer(self.model)
+        self.tokens_since_sync = 0
 
     def sync_to(self, g: GlobalState) -> None:
         """θ ← θ_g after the outer step."""

@@ -15,6 +15,7 @@ import threading
 from collections.abc import Callable
 
 import zmq
+
 from compression.wire import WireError, pack_message, unpack_message
 
 log = logging.getLogger(__name__)

@@ -13,6 +13,7 @@ import secrets
 import time
 
 import zmq
+
 from compression.wire import WireError, pack_message, unpack_message
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,8 @@ class _Conn:
         if not self.sock.poll(wait_ms, zmq.POLLIN):
             return None
         try:
-            return unpack_message(self.sock.recv(), max_bytes=max_bytes)
+            # depth 16: the app's meta (config, growth history) nests below the reply map
+            return unpack_message(self.sock.recv(), max_bytes=max_bytes, max_depth=16)
         except WireError as e:
             raise StateTransferError(f"malformed reply from server: {e}") from e
 

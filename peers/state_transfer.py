@@ -20,8 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import zmq
-from compression.wire import WireError, pack_message, unpack_message
 
+from compression.wire import WireError, pack_message, unpack_message
 from peers.state_client import (
     MAX_CHUNK_BYTES,
     MAX_REQUEST_BYTES,
@@ -195,4 +195,3 @@ class StateServer:
 
 def _error(rid: int | None, code: str, message: str) -> bytes:
     return pack_message({"ok": False, "rid": rid, "code": code, "error": message})
-

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import zmq
-from compression.wire import pack_message, unpack_message
 
+from compression.wire import pack_message, unpack_message
 from peers.control import ControlError, ControlServer, control_request
 
 

@@ -11,8 +11,8 @@ from collections.abc import Callable, Iterator
 
 import pytest
 import zmq
-from compression.wire import pack_message, unpack_message
 
+from compression.wire import pack_message, unpack_message
 from peers.state_transfer import StateServer, StateTransferError, download_state
 
 BLOB = os.urandom(10_000 + 123)  # not a multiple of the chunk size: the last chunk is short

@@ -1,0 +1,143 @@
+"""`diloco-grow demo`: a real local swarm of peer processes on 127.0.0.1.
+
+A bootstrap peer starts first; the others join its multiaddr; the last one joins late
+(after the swarm finished a few rounds) and must catch up by state transfer. Each peer
+is its own OS process in its own process group, so stopping a group also stops the
+hivemind DHT child and its p2pd daemon.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from diloco_grow.metrics import plot_runs, read_jsonl
+
+
+@dataclass(frozen=True)
+class DemoSpec:
+    peers: int = 3
+    minutes: float = 3.0
+    out_dir: str = "runs/demo"
+    preset: str = "tiny"
+    inner_steps: int = 25
+    late_after_rounds: int = 2  # the last peer joins once the swarm has done this many
+    grow: str = ""
+    run: str = "demo"
+
+
+def _spawn(args: list[str], log_path: Path) -> subprocess.Popen:
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    f = log_path.open("w")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "diloco_grow.cli", *args], stdout=f,
+                            stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+def _wait_ready(log_path: Path, proc: subprocess.Popen, timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for line in log_path.read_text().splitlines():
+            if line.startswith("ready "):
+                return line.split(" ", 1)[1].strip()
+        if proc.poll() is not None:
+            raise RuntimeError(f"peer exited with code {proc.returncode}; see {log_path}")
+        time.sleep(0.2)
+    raise TimeoutError(f"peer printed no ready line within {timeout:.0f}s; see {log_path}")
+
+
+def stop_group(proc: subprocess.Popen, grace: float = 20.0) -> None:
+    """SIGTERM the peer's process group (graceful leave), SIGKILL whatever remains."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # p2pd and the DHT child share the group
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def run_demo(spec: DemoSpec) -> dict[str, Any]:
+    out = Path(spec.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    common = ["peer", "--run", spec.run, "--preset", spec.preset, "--inner-steps",
+              str(spec.inner_steps), "--matchmaking-s", "2", "--round-timeout-s", "60"]
+    if spec.grow:
+        common += ["--grow", spec.grow]
+    procs: list[subprocess.Popen] = []
+    deadline = time.monotonic() + spec.minutes * 60
+    try:
+        boot_log = out / "peer0.log"
+        procs.append(_spawn([*common, "--out-dir", str(out / "peer0")], boot_log))
+        maddr = _wait_ready(boot_log, procs[0], 120)
+        print(f"bootstrap peer ready at {maddr}", flush=True)
+        for i in range(1, spec.peers - 1):
+            procs.append(_spawn([*common, "--join", maddr, "--out-dir", str(out / f"peer{i}")],
+                                out / f"peer{i}.log"))
+        late_started = spec.peers < 2
+        bar = tqdm(total=int(spec.minutes * 60), desc="demo", unit="s")
+        while time.monotonic() < deadline:
+            time.sleep(1.0)
+            bar.update(1)
+            recs = read_jsonl(out / "peer0" / "metrics.jsonl") if (out / "peer0" /
+                                                                  "metrics.jsonl").exists() else []
+            if recs:
+                last = recs[-1]
+                bar.set_postfix(step=last["step"], members=last["members"],
+                                loss=round(last["train_loss"], 3))
+            if not late_started and len(recs) >= spec.late_after_rounds:
+                i = spec.peers - 1
+                print(f"\nlate peer {i} joins at step {recs[-1]['step']}", flush=True)
+                procs.append(_spawn([*common, "--join", maddr, "--out-dir",
+                                     str(out / f"peer{i}")], out / f"peer{i}.log"))
+                late_started = True
+            if any(p.poll() is not None for p in procs):
+                print("\na peer exited early; stopping the demo", flush=True)
+                break
+        bar.close()
+    finally:
+        for p in reversed(procs):
+            stop_group(p)
+    return summarize(out, spec.peers)
+
+
+def summarize(out: Path, n_peers: int) -> dict[str, Any]:
+    """Check that all peers agree on θ_g at every step and plot the bootstrap peer's loss."""
+    by_step: dict[int, set[str]] = {}
+    metrics = []
+    for i in range(n_peers):
+        path = out / f"peer{i}" / "metrics.jsonl"
+        if not path.exists():
+            continue
+        metrics.append(path)
+        for r in read_jsonl(path):
+            by_step.setdefault(r["step"], set()).add(r["params_hash"])
+    disagree = sorted(s for s, h in by_step.items() if len(h) > 1)
+    recs = read_jsonl(metrics[0]) if metrics else []
+    vals = [r["val_loss"] for r in recs if r.get("val_loss") is not None]
+    summary = {"rounds": len(by_step), "steps_with_disagreeing_hashes": disagree,
+               "first_val_loss": vals[0] if vals else None,
+               "last_val_loss": vals[-1] if vals else None,
+               "peers_with_metrics": len(metrics),
+               "bytes_sent_per_peer": recs[-1]["bytes_sent_per_worker"] if recs else 0}
+    if metrics:
+        summary["plot"] = str(plot_runs(metrics, out / "loss.png",
+                                        [p.parent.name for p in metrics]))
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary

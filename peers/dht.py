@@ -1,0 +1,147 @@
+"""One hivemind DHT per peer: signed, schema-checked records for discovery and liveness.
+
+Keys are namespaced by run (`<run>/peers`, `<run>/round/<epoch>/<step>`, `<run>/history`).
+Every record is stored under a subkey `<name>` + `[owner:<rsa public key>]`, so hivemind's
+RSASignatureValidator signs it and every DHT node rejects forgeries. Our `peer_id` is derived
+from that RSA key, and on read we check the value's `peer_id` against the subkey's key: a
+peer cannot publish records (endpoints, CURVE keys, progress) in another peer's name.
+
+DHT reads can be stale or partial. They are used for discovery (who is there, where, at which
+step) and never as proof that a round committed: that only comes from the data plane.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from collections.abc import Callable
+from typing import TypeVar
+
+from hivemind import DHT
+from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.utils.crypto import RSAPrivateKey
+from hivemind.utils.timed_storage import get_dht_time
+
+from peers.errors import Malformed
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+OWNER_TAG = b"[owner:"
+
+
+def peer_id_of(owner: bytes) -> str:
+    """Our short peer id: a hash of the RSA owner tag that signs this peer's records."""
+    return hashlib.sha256(owner).hexdigest()[:20]
+
+
+class SwarmDHT:
+    def __init__(self, run: str, host: str, port: int, announce_host: str | None,
+                 initial_peers: tuple[str, ...], timeout_s: float = 10.0) -> None:
+        self.run = run
+        self._host, self._port, self._announce = host, port, announce_host
+        self._initial = list(initial_peers)
+        self.timeout_s = timeout_s
+        # A fresh key per Swarm (not hivemind's process-wide one) so that two swarms in one
+        # process (tests, benchmarks) are two distinct peers.
+        self._validator = RSASignatureValidator(RSAPrivateKey())
+        self._owner = self._validator.local_public_key
+        self.peer_id = peer_id_of(self._owner)
+        # hivemind's DHT talks to its process over one pipe; concurrent callers would
+        # interleave on it, so the keepalive thread and the round thread take turns.
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._keepalive: tuple[str, bytes, Callable[[], dict], float] | None = None
+        self._thread: threading.Thread | None = None
+        self.dht: DHT | None = None
+
+    def start(self) -> None:
+        kw: dict = {"host_maddrs": [f"/ip4/{self._host}/tcp/{self._port}"]}
+        if self._announce:
+            kw["announce_maddrs"] = [f"/ip4/{self._announce}/tcp/{self._port}"]
+        # The DHT forks its own process: start it before zmq threads/sockets exist.
+        self.dht = DHT(initial_peers=self._initial or None, start=True,
+                       record_validators=[self._validator], **kw)
+
+    def visible_maddrs(self) -> list[str]:
+        assert self.dht is not None
+        with self._lock:
+            return [str(m) for m in self.dht.get_visible_maddrs()]
+
+    def key(self, *parts: object) -> str:
+        return "/".join([self.run, *map(str, parts)])
+
+    def store(self, key: str, name: str, value: dict, ttl_s: float, wait: bool = True) -> bool:
+        """Store a signed record under our owner subkey; False if the DHT did not accept it.
+
+        wait=False returns at once (True); a later store of the same record always wins,
+        because its expiration time is later.
+        """
+        assert self.dht is not None
+        subkey = name.encode() + self._owner
+        with self._lock:
+            fut = self.dht.store(key, subkey=subkey, value=value,
+                                 expiration_time=get_dht_time() + ttl_s, return_future=True)
+        if not wait:
+            return True
+        try:
+            return bool(fut.result(timeout=self.timeout_s))
+        except Exception as e:  # timeouts and p2p errors: a missed store is retried later
+            log.warning("DHT store of %s failed: %s", key, e)
+            return False
+
+    def fetch(self, key: str, parse: Callable[[dict], T]) -> list[T]:
+        """All live records under key, validated; bad ones are logged and skipped."""
+        assert self.dht is not None
+        with self._lock:
+            fut = self.dht.get(key, latest=True, return_future=True)
+        try:
+            found = fut.result(timeout=self.timeout_s)
+        except Exception as e:
+            log.warning("DHT get of %s failed: %s", key, e)
+            return []
+        if found is None or not isinstance(found.value, dict):
+            return []
+        out: list[T] = []
+        for subkey, item in found.value.items():
+            try:
+                out.append(self._check(subkey, item.value, parse))
+            except Malformed as e:
+                log.warning("dropped invalid DHT record under %s: %s", key, e)
+        return out
+
+    @staticmethod
+    def _check(subkey: object, value: object, parse: Callable[[dict], T]) -> T:
+        if not isinstance(subkey, bytes) or OWNER_TAG not in subkey:
+            raise Malformed("unsigned subkey")
+        owner = subkey[subkey.index(OWNER_TAG):]
+        if not isinstance(value, dict):
+            raise Malformed(f"value is a {type(value).__name__}, not a map")
+        if value.get("peer_id") != peer_id_of(owner):
+            raise Malformed(f"peer_id {str(value.get('peer_id'))[:24]!r} is not the signer's")
+        return parse(value)
+
+    def keep_alive(self, key: str, name: str, make: Callable[[], dict], ttl_s: float) -> None:
+        """Re-store make() every ttl/3 in the background, so the record outlives long steps."""
+        self._keepalive = (key, name, make, ttl_s)
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._refresh, name="dht-keepalive",
+                                            daemon=True)
+            self._thread.start()
+
+    def _refresh(self) -> None:
+        while self._keepalive is not None and not self._stop.wait(self._keepalive[3] / 3):
+            key, name, make, ttl = self._keepalive
+            try:
+                self.store(key, name, make(), ttl)
+            except Exception as e:  # never let the liveness thread die silently
+                log.warning("keepalive store failed: %s", e)
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=self.timeout_s)
+        if self.dht is not None:
+            with self._lock:
+                self.dht.shutdown()  # also terminates its p2pd child
+            self.dht = None

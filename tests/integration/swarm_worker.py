@@ -1,0 +1,115 @@
+"""One swarm peer as a process, for the integration tests and the all-reduce benchmark.
+
+Runs `--rounds` all-reduces of a deterministic random vector per (seed, step), int8-encoded,
+and prints one JSON line per event on stdout:
+  {"event": "ready", "maddr", "peer_id", "endpoint", "curve_key"}
+  {"event": "round", "step", "sha256", "members", "bytes_sent", "bytes_recv", "attempts", ...}
+  {"event": "fault", "step", "phase"}     (then hangs until the test kills or stops it)
+  {"event": "error", "step", "kind", "msg"}
+  {"event": "done", "dropped"}
+θ_g is simulated by the hash chain: the params_hash of step s is the sha256 of the mean of
+step s-1, so members only agree if every earlier round was bit-identical on all of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+from compression.codec import get_codec
+from peers.errors import NeedResync, RoundFailed
+from peers.swarm import Swarm, SwarmConfig
+
+
+def contribution(seed: int, step: int, numel: int) -> torch.Tensor:
+    """The vector peer `seed` contributes at `step` (the tests recompute it)."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    return torch.randn(numel, generator=g) * (1.0 + 0.5 * seed)
+
+
+def emit(**kw: object) -> None:
+    print(json.dumps(kw), flush=True)
+
+
+def fault_hook(spec: str | None):
+    """`--fault STEP:PHASE` makes this peer announce the fault and hang right there."""
+    if not spec:
+        return None
+    step_s, phase = spec.split(":")
+
+    def hook(at_phase: str, step: int) -> None:
+        if step == int(step_s) and at_phase == phase:
+            emit(event="fault", step=step, phase=phase)
+            time.sleep(3600)  # the test SIGKILLs or SIGSTOPs us here
+
+    return hook
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--run", default="test")
+    ap.add_argument("--join", action="append", default=[])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--numel", type=int, default=100_000)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--weight", type=float, default=1.0)
+    ap.add_argument("--codec", default="int8")
+    ap.add_argument("--matchmaking-s", type=float, default=1.0)
+    ap.add_argument("--phase-timeout", type=float, default=5.0)
+    ap.add_argument("--round-timeout", type=float, default=60.0)
+    ap.add_argument("--min-peers", type=int, default=1)
+    ap.add_argument("--wait-peers", type=int, default=1, help="start rounds once this many")
+    ap.add_argument("--max-frame-bytes", type=int, default=256 << 20)
+    ap.add_argument("--fault", default=None, help="STEP:PHASE (after_parts, after_reduce, ...)")
+    ap.add_argument("--out", default=None, help="directory for <seed>_<step>.npy results")
+    ap.add_argument("--linger", type=float, default=1.0, help="seconds to stay up at the end")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format=f"[seed {args.seed}] %(levelname)s %(name)s: %(message)s")
+    torch.set_num_threads(1)
+
+    cfg = SwarmConfig(run=args.run, initial_peers=tuple(args.join),
+                      matchmaking_s=args.matchmaking_s, phase_timeout_s=args.phase_timeout,
+                      round_timeout_s=args.round_timeout, min_peers=args.min_peers,
+                      max_frame_bytes=args.max_frame_bytes)
+    swarm = Swarm(cfg, hook=fault_hook(args.fault))
+    swarm.start()
+    try:
+        emit(event="ready", maddr=swarm.visible_maddrs[0], peer_id=swarm.peer_id,
+             endpoint=swarm.me.endpoint, curve_key=swarm.me.curve_key, pid=os.getpid())
+        until = time.monotonic() + 60
+        while len(swarm.list_peers()) < args.wait_peers and time.monotonic() < until:
+            time.sleep(0.2)
+        codec = get_codec(args.codec)
+        params_hash = "init"
+        for step in range(args.rounds):
+            enc = codec.encode(contribution(args.seed, step, args.numel))
+            try:
+                res = swarm.all_reduce(enc, args.weight, arch_epoch=0, step=step,
+                                       params_hash=params_hash)
+            except (NeedResync, RoundFailed) as e:
+                emit(event="error", step=step, kind=type(e).__name__, msg=str(e))
+                break
+            params_hash = hashlib.sha256(res.mean.numpy().tobytes()).hexdigest()
+            if args.out:
+                np.save(os.path.join(args.out, f"{args.seed}_{step}.npy"), res.mean.numpy())
+            emit(event="round", step=step, sha256=params_hash, members=res.members,
+                 bytes_sent=res.bytes_sent, bytes_recv=res.bytes_recv, attempts=res.attempts,
+                 seconds=round(res.seconds, 3), leader=res.leader)
+            swarm.publish_progress({"step": step, "params_hash": params_hash})
+        time.sleep(args.linger)  # let a slower member receive our last COMMIT
+        emit(event="done", dropped=swarm.dropped_frames)
+    finally:
+        swarm.shutdown()
+
+
+if __name__ == "__main__":
+    main()
