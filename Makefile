@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: install
-	$(BIN)/diloco-grow demo --peers 3 --minutes 3
+	$(BIN)/diloco-grow demo --peers 3 --minutes 3 --inner-steps 50 --grow "experts:2@15"
 
 test: install
 	$(BIN)/python -m pytest -q -m "not slow" tests

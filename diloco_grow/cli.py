@@ -148,7 +148,7 @@ def peer(run_name: str, join: tuple[str, ...], host: str, port: int, announce_ho
 @click.option("--timeout", default=30.0, show_default=True, help="Seconds to wait for the DHT.")
 def status(join: tuple[str, ...], run_name: str, as_json: bool, timeout: float) -> None:
     """Show live peers of a run: step, arch epoch, θ_g hash, loss, speed, bytes."""
-    from peers.swarm import read_progress
+    from peers.observer import read_progress
 
     try:
         peers = read_progress(run_name, list(join), timeout=timeout)

@@ -55,22 +55,26 @@ def _wait_ready(log_path: Path, proc: subprocess.Popen, timeout: float) -> str:
     raise TimeoutError(f"peer printed no ready line within {timeout:.0f}s; see {log_path}")
 
 
-def stop_group(proc: subprocess.Popen, grace: float = 20.0) -> None:
-    """SIGTERM the peer's process group (graceful leave), SIGKILL whatever remains."""
-    if proc.poll() is None:
+def stop_groups(procs: list[subprocess.Popen], grace: float = 30.0) -> None:
+    """SIGTERM every peer's process group at once (graceful leave), then SIGKILL what
+    remains: p2pd and the DHT child share the group, so nothing is orphaned."""
+    for proc in procs:
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+    deadline = time.monotonic() + grace
+    for proc in procs:
         try:
-            os.killpg(proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        try:
-            proc.wait(grace)
+            proc.wait(max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)  # p2pd and the DHT child share the group
-    except ProcessLookupError:
-        pass
-    proc.wait()
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
 
 
 def run_demo(spec: DemoSpec) -> dict[str, Any]:
@@ -91,7 +95,10 @@ def run_demo(spec: DemoSpec) -> dict[str, Any]:
             procs.append(_spawn([*common, "--join", maddr, "--out-dir", str(out / f"peer{i}")],
                                 out / f"peer{i}.log"))
         late_started = spec.peers < 2
-        bar = tqdm(total=int(spec.minutes * 60), desc="demo", unit="s")
+        # On a terminal a live bar; in a log (make demo | tee, CI) one line per new step.
+        tty = sys.stderr.isatty()
+        bar = tqdm(total=int(spec.minutes * 60), desc="demo", unit="s", disable=not tty)
+        shown_step = -1
         while time.monotonic() < deadline:
             time.sleep(1.0)
             bar.update(1)
@@ -101,6 +108,11 @@ def run_demo(spec: DemoSpec) -> dict[str, Any]:
                 last = recs[-1]
                 bar.set_postfix(step=last["step"], members=last["members"],
                                 loss=round(last["train_loss"], 3))
+                if not tty and last["step"] != shown_step:
+                    shown_step = last["step"]
+                    print(f"step {last['step']}: members={last['members']} "
+                          f"train_loss={last['train_loss']:.3f} val_loss={last['val_loss']} "
+                          f"hash={last['params_hash']}", flush=True)
             if not late_started and len(recs) >= spec.late_after_rounds:
                 i = spec.peers - 1
                 print(f"\nlate peer {i} joins at step {recs[-1]['step']}", flush=True)
@@ -112,8 +124,8 @@ def run_demo(spec: DemoSpec) -> dict[str, Any]:
                 break
         bar.close()
     finally:
-        for p in reversed(procs):
-            stop_group(p)
+        print("\nstopping the swarm", flush=True)
+        stop_groups(procs)
     return summarize(out, spec.peers)
 
 

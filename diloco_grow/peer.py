@@ -29,9 +29,8 @@ from diloco_grow.outer import assign_flat
 from diloco_grow.train import evaluate
 from diloco_grow.worker import GlobalState, Worker
 from peers.control import ControlServer
-from peers.rounds import NeedResync, RoundFailed
 from peers.state_transfer import StateServer, StateTransferError, download_state
-from peers.swarm import Swarm, SwarmConfig
+from peers.swarm import NeedResync, RoundFailed, Swarm, SwarmConfig
 
 log = logging.getLogger("diloco_grow.peer")
 
@@ -78,11 +77,16 @@ class PeerApp:
         self.state_server.start()
         self.control = ControlServer(self._control, "tcp://127.0.0.1:0")
         self.control.start()
+        # Joiners dial the state server at the announced address, not a wildcard bind.
+        state_ep = self.state_server.endpoint
+        if o.announce_host:
+            state_ep = f"tcp://{o.announce_host}:{state_ep.rsplit(':', 1)[1]}"
         self.swarm = Swarm(SwarmConfig(
             run=o.run, host=o.host, port=o.port, announce_host=o.announce_host,
             initial_peers=tuple(o.join), matchmaking_s=o.matchmaking_s,
             round_timeout_s=o.round_timeout_s, min_peers=o.min_peers, quorum=o.quorum,
-            **o.extra_swarm))
+            **o.extra_swarm), state_endpoint=state_ep,
+            state_curve_key=self.state_server.public_key)
         self.swarm.start()
         self.g = self._initial_state()
         # Each peer draws its own batches: the data stream is keyed by the peer id.
@@ -113,10 +117,12 @@ class PeerApp:
         """Newest state any live peer serves, if newer than `min_step`; None if nobody has."""
         peers = sorted(self.swarm.list_peers(), key=lambda p: -int(p.get("step", 0)))
         for p in peers:
-            if int(p.get("step", 0)) < min_step or not p.get("state_endpoint"):
+            if p.get("peer_id") == self.swarm.peer_id or not p.get("state_endpoint"):
+                continue
+            if int(p.get("step", 0)) < min_step:
                 continue
             try:
-                meta, blob = download_state(p["state_endpoint"], p.get("state_key"),
+                meta, blob = download_state(p["state_endpoint"], p.get("state_curve_key"),
                                             timeout=60.0, max_bytes=MAX_STATE_BYTES)
                 g = ckpt.global_from(*ckpt.unpack_state(blob))
             except (StateTransferError, ckpt.CheckpointError) as e:
@@ -247,6 +253,8 @@ class PeerApp:
 
     def _provide_state(self) -> tuple[dict, bytes]:
         with self.lock:
+            if self.state_blob is None:
+                raise RuntimeError("this peer is still starting and has no state to serve yet")
             meta, blob = self.state_blob
             return {**meta, "age_s": time.time() - meta["served_at"]}, blob
 
@@ -256,8 +264,7 @@ class PeerApp:
                 "loss": self.stats["loss"], "val_loss": self.stats["val_loss"],
                 "tokens_per_s": round(self.stats["tokens_per_s"], 1),
                 "bytes_sent": self.stats["bytes_sent"], "n_params": int(self.g.theta.numel()),
-                "state_endpoint": self.state_server.endpoint,
-                "state_key": self.state_server.public_key, "control": self.control.endpoint}
+                "control": self.control.endpoint}
 
     def _publish(self) -> None:
         try:

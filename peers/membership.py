@@ -4,7 +4,8 @@ One attempt (see DESIGN.md, "The round protocol"):
 1. Check the DHT for peers that already committed this step (or a later epoch): then our
    state is stale and we raise NeedResync instead of averaging.
 2. Announce (epoch, step, attempt, endpoint, keys, weight, params_hash, vote) and wait one
-   matchmaking window while others do the same.
+   matchmaking window while others do the same (cut short once every live peer of our
+   epoch, per the DHT liveness records, has announced).
 3. Read the announcements. If anyone is at a higher attempt, move there. The leader is the
    lowest peer id among announcers of our attempt. Followers JOIN it (a non-leader that gets
    a JOIN answers REDIRECT, strictly towards lower ids, so redirects terminate).
@@ -66,23 +67,41 @@ class Matchmaker:
     def form(self, req: RoundRequest, attempt: int, deadline: float) -> Group:
         """One matchmaking attempt; returns the group or raises NeedResync / RoundAborted."""
         self.mb.set_scope(req.epoch, req.step, attempt)
+        T0 = time.monotonic()
         self.check_progress(req)
+        log.info("M progress %.1f", (time.monotonic()-T0)*1000)
         ann = Announcement(self.me.peer_id, self.me.endpoint, self.me.curve_key, attempt,
                            req.weight, params_hash=req.params_hash, numel=req.numel,
                            codec=req.codec, block_size=req.block_size, vote=req.vote)
         ttl = self.cfg.round_timeout_s + 2 * self.cfg.matchmaking_s
         self.dht.store(self._key(req), self.me.peer_id, ann.to_dict(), ttl)
-        self.mb.pump(min(deadline, time.monotonic() + self.cfg.matchmaking_s))
-        anns = self._announcements(req, ann)
+        log.info("M stored %.1f", (time.monotonic()-T0)*1000)
+        anns = self._gather(req, ann, min(deadline, time.monotonic() + self.cfg.matchmaking_s))
+        log.info("M gathered %.1f", (time.monotonic()-T0)*1000)
         top = max(a.attempt for a in anns.values())
         if top > attempt:
             raise RoundAborted(f"others are at attempt {top}", next_attempt=top)
         self.check_progress(req)
+        log.info("M progress2 %.1f", (time.monotonic()-T0)*1000)
         leader = min(pid for pid, a in anns.items() if a.attempt == attempt)
         if leader == self.me.peer_id:
             return self._lead(req, ann, anns, deadline)
         a = anns[leader]
         return self._follow(req, ann, Member(a.peer_id, a.endpoint, a.curve_key, 0.0), deadline)
+
+    def _gather(self, req: RoundRequest, ann: Announcement, until: float
+                ) -> dict[str, Announcement]:
+        """Announcements for our step when the window ends, or as soon as every live peer of
+        our epoch has announced: a full swarm need not wait out the window."""
+        live = {r.peer_id for r in self.peers() if r.arch_epoch == req.epoch}
+        expected = live | {self.me.peer_id}
+        while True:
+            anns = self._announcements(req, ann)
+            present = {pid for pid, a in anns.items() if a.attempt >= ann.attempt}
+            if time.monotonic() >= until or (expected <= present
+                                              and len(present) >= self.cfg.min_peers):
+                return anns
+            self.mb.pump(min(until, time.monotonic() + 0.05))
 
     # ---- follower -------------------------------------------------------------------------
 

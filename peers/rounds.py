@@ -50,6 +50,7 @@ class RoundRunner:
             if k != i:
                 self._send(m, "PART", g, payload=pack(local.slice(*bounds[k])), shard=k)
         self._hook("after_parts", g.step)
+        T0 = time.monotonic(); log.info("T parts sent")
 
         parts: dict[int, Encoded] = {i: local.slice(*bounds[i])}
         reduced: dict[int, tuple[Encoded, bytes]] = {}
@@ -78,6 +79,7 @@ class RoundRunner:
                 continue
             progress = time.monotonic()
         self._hook("after_reduce", g.step)
+        log.info("T reduced %.1f ms", (time.monotonic()-T0)*1000)
 
         mean = torch.empty(local.numel, dtype=torch.float32)
         digest = hashlib.sha256()
@@ -85,7 +87,9 @@ class RoundRunner:
             enc, data = reduced[k]
             mean[bounds[k][0]:bounds[k][1]] = codec.decode(enc).view(-1)
             digest.update(data)
+        log.info("T decoded %.1f ms", (time.monotonic()-T0)*1000)
         self._commit(g, i, digest.hexdigest(), dones, deadline)
+        log.info("T committed %.1f ms", (time.monotonic()-T0)*1000)
         return mean.view(local.shape)
 
     def _commit(self, g: Group, i: int, digest: str, dones: dict[int, str],

@@ -45,7 +45,8 @@ class AllReduceResult:
     members: list[str]  # peer ids of the group, sorted
     bytes_sent: int  # by this peer during this call (all attempts, headers included)
     bytes_recv: int
-    seconds: float
+    seconds: float  # the whole call: matchmaking, failed attempts, data phase, commit
+    data_seconds: float  # BEGIN to COMMIT of the attempt that committed
     committed_vote: dict | None  # the growth proposal the group committed, if any
     attempts: int  # 1 = the first group formed committed
     leader: str
@@ -135,6 +136,7 @@ class Swarm:
         while time.monotonic() < deadline:
             try:
                 group = self.matchmaker.form(req, attempt, deadline)
+                formed = time.monotonic()
                 self._set_in_round((req.epoch, req.step, group.attempt))
                 mean = self.runner.run(group, local, deadline)
             except RoundAborted as e:
@@ -144,12 +146,13 @@ class Swarm:
                 continue
             finally:
                 self._set_in_round(None)
-            return self._committed(req, group, mean, t0, sent0, recv0)
+            return self._committed(req, group, mean, (t0, formed), sent0, recv0)
         raise RoundFailed(f"no round committed for epoch {req.epoch} step {req.step} within "
                           f"{self.cfg.round_timeout_s}s after {attempt} attempts: {why}")
 
-    def _committed(self, req: RoundRequest, g: Group, mean: torch.Tensor, t0: float,
-                   sent0: int, recv0: int) -> AllReduceResult:
+    def _committed(self, req: RoundRequest, g: Group, mean: torch.Tensor,
+                   times: tuple[float, float], sent0: int, recv0: int) -> AllReduceResult:
+        end = time.monotonic()
         vote = tally([m.vote for m in g.members], self.cfg.quorum, self.cfg.min_peers)
         self._last_round = req.step
         # A committed growth event moves every member to the next architecture epoch; saying
@@ -165,7 +168,8 @@ class Swarm:
             mean=mean, members=[m.peer_id for m in g.members],
             bytes_sent=self.transport.bytes_sent - sent0,
             bytes_recv=self.transport.bytes_recv - recv0,
-            seconds=time.monotonic() - t0, committed_vote=vote, attempts=g.attempt + 1,
+            seconds=end - times[0], data_seconds=end - times[1],
+            committed_vote=vote, attempts=g.attempt + 1,
             leader=g.leader.peer_id, round_id=g.rid)
 
     # ---- DHT records --------------------------------------------------------------------
