@@ -7,7 +7,12 @@ three implementations run back to back on the same machine:
   hm_8bit      hivemind DecentralizedAverager, Uniform8BitQuantization
 Each reports the median over rounds (after one warm-up round) of the slowest peer's round
 seconds, tensor bytes sent per peer per round, and whether every peer ended the round with
-bit-identical results. Both use the same matchmaking window, which is part of every round.
+bit-identical results, and the largest error against the exact fp32 mean. Both use the
+same matchmaking window as an upper bound (both start a round as soon as the group is full).
+hivemind's tensor bytes are counted at its serialisers (payload only, no protobuf/libp2p
+framing); ours are zmq frame bytes including headers and control messages. hivemind 1.1.12's
+8-bit decoder is broken under numpy 2 (it silently falls back to local parts), so the worker
+patches that one function (same code, numpy-2 safe) before measuring.
 
     python benchmarks/bench_allreduce.py --smoke      # P=2, N=1M, 2 rounds, < 1 minute
     python benchmarks/bench_allreduce.py              # P in {2,4}, N in {1M,16M}, 3 rounds

@@ -5,8 +5,8 @@ our int8/int4/bnb8 codecs, raw bitsandbytes blockwise 8-bit (block 4096 as hivem
 and block 256 at the same bits as our int8) and hivemind's Uniform8BitQuantization and
 BlockwiseQuantization. Prints one JSON line per codec and distribution:
   codec, dist, encode_mb_s, decode_mb_s (MB = 1e6 bytes of fp32 input per second, median of
-  --runs runs after one warm-up), bits_per_element (scales/codebooks included), rmse,
-  max_abs_err
+  --runs runs after one warm-up; codecs take turns run by run), bits_per_element
+  (scales/codebooks included), rmse, max_abs_err
 and a final {"summary": ...} line on the Gaussian tensor, where speed = (encode+decode
 throughput of our int8) / (that of the fastest bitsandbytes / hivemind 8-bit row) and
 rmse = ours / (the most accurate bitsandbytes / hivemind 8-bit row).
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 import warnings
@@ -120,30 +121,37 @@ def make_tensor(dist: str, n: int) -> torch.Tensor:
     return z / (chi2 / 3).sqrt_()
 
 
-def measure(bench: Bench, x: torch.Tensor, runs: int) -> dict[str, float]:
-    encode, decode, bits = bench
-    h = encode(x)
-    y = decode(h)  # warm-up (allocator, lazy imports, thread pools)
-    t_enc, t_dec = [], []
+def measure(benches: dict[str, Bench], x: torch.Tensor, runs: int) -> dict[str, dict]:
+    """Time every codec on x. Runs are interleaved (run r of every codec, then run r + 1) so
+    that load from other processes on a shared machine hits all codecs alike."""
+    t_enc: dict[str, list[float]] = {name: [] for name in benches}
+    t_dec: dict[str, list[float]] = {name: [] for name in benches}
+    for encode, decode, _ in benches.values():
+        decode(encode(x))  # warm-up (allocator, lazy imports, thread pools)
     for _ in range(runs):
-        t0 = time.perf_counter()
-        h = encode(x)
-        t1 = time.perf_counter()
-        y = decode(h)
-        t2 = time.perf_counter()
-        t_enc.append(t1 - t0)
-        t_dec.append(t2 - t1)
+        for name, (encode, decode, _) in benches.items():
+            t0 = time.perf_counter()
+            h = encode(x)
+            t1 = time.perf_counter()
+            decode(h)
+            t2 = time.perf_counter()
+            t_enc[name].append(t1 - t0)
+            t_dec[name].append(t2 - t1)
     mb = x.numel() * 4 / 1e6
-    err = (x.double() - y.reshape(-1).double()).abs_()
-    te, td = statistics.median(t_enc), statistics.median(t_dec)
-    return {
-        "encode_mb_s": round(mb / te, 1),
-        "decode_mb_s": round(mb / td, 1),
-        "roundtrip_mb_s": round(mb / (te + td), 1),
-        "bits_per_element": round(bits(h, x.numel()), 4),
-        "rmse": float(f"{err.pow(2).mean().sqrt().item():.6g}"),
-        "max_abs_err": float(f"{err.max().item():.6g}"),
-    }
+    out = {}
+    for name, (encode, decode, bits) in benches.items():
+        h = encode(x)
+        err = (x - decode(h).reshape(-1)).abs_()  # fp32 is plenty for an error magnitude
+        te, td = statistics.median(t_enc[name]), statistics.median(t_dec[name])
+        out[name] = {
+            "encode_mb_s": round(mb / te, 1),
+            "decode_mb_s": round(mb / td, 1),
+            "roundtrip_mb_s": round(mb / (te + td), 1),
+            "bits_per_element": round(bits(h, x.numel()), 4),
+            "rmse": float(f"{err.double().pow_(2).mean().sqrt().item():.6g}"),
+            "max_abs_err": float(f"{err.max().item():.6g}"),
+        }
+    return out
 
 
 def summarize(rows: list[dict]) -> dict[str, Any]:
@@ -190,15 +198,18 @@ def main() -> None:
     args = ap.parse_args()
     numel = args.numel or (1 << 20 if args.smoke else 1 << 24)
     runs = args.runs or (2 if args.smoke else 5)
-    torch.set_num_threads(args.threads)  # bitsandbytes/hivemind use their own pools
+    torch.set_num_threads(args.threads)
+    # bitsandbytes' CPU kernels use the system OpenMP runtime, read when it is first loaded
+    # (bitsandbytes is imported lazily, in benches()), so give it the same thread count.
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)
     meta = {"numel": numel, "runs": runs, "threads": torch.get_num_threads()}
     all_benches = benches()
     names = args.codecs.split(",") if args.codecs else list(all_benches)
     rows = []
     for dist in ("gaussian", "student_t3"):
-        x = make_tensor(dist, numel)
+        results = measure({n: all_benches[n] for n in names}, make_tensor(dist, numel), runs)
         for name in names:
-            row = {"codec": name, "dist": dist, **measure(all_benches[name], x, runs), **meta}
+            row = {"codec": name, "dist": dist, **results[name], **meta}
             print(json.dumps(row), flush=True)
             rows.append(row)
     summary = summarize(rows) if "int8" in names else {}

@@ -107,11 +107,11 @@ def run_demo(spec: DemoSpec) -> dict[str, Any]:
             if recs:
                 last = recs[-1]
                 bar.set_postfix(step=last["step"], members=last["members"],
-                                loss=round(last["train_loss"], 3))
+                                loss=last["train_loss"] and round(last["train_loss"], 3))
                 if not tty and last["step"] != shown_step:
                     shown_step = last["step"]
                     print(f"step {last['step']}: members={last['members']} "
-                          f"train_loss={last['train_loss']:.3f} val_loss={last['val_loss']} "
+                          f"train_loss={last['train_loss']} val_loss={last['val_loss']} "
                           f"hash={last['params_hash']}", flush=True)
             if not late_started and len(recs) >= spec.late_after_rounds:
                 i = spec.peers - 1

@@ -28,11 +28,10 @@ def weighted_mean_encoded(shards: list[Encoded], weights: list[float], codec_nam
     """Decode every contribution to fp32, take the weighted mean, encode it once."""
     codec = make_codec(codec_name, block_size)
     total = float(sum(weights))
-    if total <= 0:
-        raise ValueError("round weights sum to zero")
     acc = torch.zeros(shards[0].numel, dtype=torch.float32)
     for enc, w in zip(shards, weights, strict=True):
-        acc.add_(codec.decode(enc).reshape(-1), alpha=w / total)
+        # All-zero weights (only just-synced members): a plain mean, as the swarm does.
+        acc.add_(codec.decode(enc).reshape(-1), alpha=w / total if total > 0 else 1 / len(shards))
     return codec.encode(acc)
 
 

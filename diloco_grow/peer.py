@@ -8,6 +8,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import faulthandler
+import multiprocessing
 import logging
 import signal
 import threading
@@ -16,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 
 from diloco_grow import checkpoint as ckpt
@@ -26,7 +30,7 @@ from diloco_grow.metrics import MetricsWriter
 from diloco_grow.model import MoETransformer
 from diloco_grow.net_averager import NetworkAverager
 from diloco_grow.outer import assign_flat
-from diloco_grow.train import evaluate
+from diloco_grow.train import InnerStats, evaluate
 from diloco_grow.worker import GlobalState, Worker
 from peers.control import ControlServer
 from peers.state_transfer import StateServer, StateTransferError, download_state
@@ -67,6 +71,7 @@ class PeerApp:
                                batch_size=cfg.inner.batch_size, n_batches=cfg.data.val_batches)
         self.state_blob: tuple[dict, bytes] | None = None
         self.last_inner_s = 0.0
+        self.catch_up = False  # set when θ_g was just downloaded
         self.stats: dict[str, Any] = {"loss": None, "val_loss": None, "tokens_per_s": 0.0,
                                       "bytes_sent": 0, "rounds": 0, "tokens": 0}
 
@@ -130,8 +135,9 @@ class PeerApp:
                 continue
             log.info("downloaded state at step %d (arch epoch %d) from %s", g.step,
                      g.arch_epoch, p.get("peer_id"))
-            self.served_inner_s = float(meta.get("inner_s", 0.0))
-            self.served_age_s = time.time() - float(meta.get("served_at", time.time()))
+            # Our next round is this very step: join it at once with nothing to add
+            # (weight 0) so we are in the group before the others finish their phase.
+            self.catch_up = True
             return g
         return None
 
@@ -144,18 +150,19 @@ class PeerApp:
     def run(self) -> None:
         o, H = self.opts, self.cfg.inner.steps
         votes = dict(o.grow)
-        first_budget = self._joiner_budget()
         while not self.stopping.is_set():
             if o.max_rounds is not None and self.stats["rounds"] >= o.max_rounds:
                 break
             # --- inner phase -----------------------------------------------------------
             t0 = time.perf_counter()
-            steps = H if first_budget is None else first_budget
-            first_budget = None
-            inner = self.worker.inner_phase(steps)
-            self.last_inner_s = time.perf_counter() - t0
-            self.stats["loss"] = inner.ce_loss
-            self.stats["tokens_per_s"] = inner.tokens / max(1e-9, self.last_inner_s)
+            if self.catch_up:  # just downloaded θ_g: sync first, train after
+                inner = InnerStats(self.stats["loss"] or float("nan"), float("nan"), 0, 0)
+                self.catch_up = False
+            else:
+                inner = self.worker.inner_phase(H)
+                self.last_inner_s = time.perf_counter() - t0
+                self.stats["loss"] = inner.ce_loss
+                self.stats["tokens_per_s"] = inner.tokens / max(1e-9, self.last_inner_s)
             if self.stopping.is_set():
                 break
             # --- outer round: all-reduce Δ, Nesterov on θ_g ----------------------------
@@ -187,16 +194,6 @@ class PeerApp:
             self.stats["tokens"] += inner.tokens
             self._after_round(res, inner, event)
 
-    def _joiner_budget(self) -> int | None:
-        """A peer that downloaded state mid-phase trains only what the others have left,
-        so it reaches the next round together with them."""
-        inner_s = getattr(self, "served_inner_s", 0.0)
-        if inner_s <= 0:
-            return None
-        left = inner_s - getattr(self, "served_age_s", 0.0)
-        # Our own speed is unknown yet: assume the same as the server's.
-        return max(1, min(self.cfg.inner.steps, int(self.cfg.inner.steps * left / inner_s)))
-
     def _resync(self) -> None:
         g = None
         deadline = time.monotonic() + self.opts.round_timeout_s
@@ -224,7 +221,7 @@ class PeerApp:
             self._refresh_state_blob()
         h = g.hash()
         record = {"step": g.step, "arch_epoch": g.arch_epoch, "params_hash": h,
-                  "members": res.members, "train_loss": inner.ce_loss, "val_loss": val_loss,
+                  "members": res.members, "train_loss": inner.ce_loss if inner.steps else None, "val_loss": val_loss,
                   "tokens": self.stats["tokens"], "bytes_sent": res.bytes_sent,
                   "bytes_sent_per_worker": self.stats["bytes_sent"],
                   "round_s": round(res.seconds, 3), "inner_s": round(self.last_inner_s, 3),
@@ -234,7 +231,8 @@ class PeerApp:
             record["event"] = {**event.to_dict(), "hash": event.hash(), "outer_step": g.step,
                                "n_params_after": int(g.theta.numel())}
         self.metrics.write(record)
-        print(f"round step={g.step} members={res.members} loss={inner.ce_loss:.4f} "
+        loss = f"{inner.ce_loss:.4f}" if inner.steps else "- (catch-up)"
+        print(f"round step={g.step} members={res.members} loss={loss} "
               f"val={val_loss if val_loss is None else round(val_loss, 4)} "
               f"bytes={res.bytes_sent} seconds={res.seconds:.2f} hash={h}"
               + (f" grew={event.kind}x{event.factor}" if event else ""), flush=True)
@@ -294,6 +292,24 @@ class PeerApp:
                 obj.close() if part == "metrics" else obj.stop() if part != "swarm" else obj.shutdown()
             except Exception as e:
                 log.warning("error stopping %s: %s", part, e)
+        reap_children()
+
+
+def reap_children(grace: float = 5.0) -> None:
+    """Stop whatever child processes are left (the DHT process, its p2pd daemon).
+
+    A Ctrl-C or a group SIGTERM also hits hivemind's DHT child, which may then never
+    answer its own shutdown; multiprocessing would wait for it forever at exit."""
+    children = psutil.Process().children(recursive=True)
+    for c in children:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            c.terminate()
+    _, alive = psutil.wait_procs(children, timeout=grace)
+    for c in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            c.kill()
+    for c in multiprocessing.active_children():  # reaps them, so exit does not wait
+        c.join(timeout=1.0)
 
 
 def run_peer(cfg: RunConfig, opts: PeerOptions) -> None:
@@ -309,3 +325,6 @@ def run_peer(cfg: RunConfig, opts: PeerOptions) -> None:
     finally:
         app.shutdown()
         print("stopped", flush=True)
+        # A library thread that ignores shutdown must not keep a stopped peer alive:
+        # dump every thread's stack (for the bug report) and exit after a grace period.
+        faulthandler.dump_traceback_later(30, exit=True)

@@ -93,16 +93,17 @@ class Worker:
         return stats
 
     def contribution(self, g: GlobalState) -> tuple[Encoded, float]:
-        """Encode Δ = θ_g − θ (with error feedback); weight = tokens processed."""
+        """Encode Δ = θ_g − θ (with error feedback); weight = tokens processed (0 for a
+        peer that only just synced: it joins the round to stay in step, adding nothing)."""
         delta = pseudo_gradient(g.theta, self.model)
         if self.feedback is None:
-            return self.codec.encode(delta), float(max(1, self.tokens_since_sync))
+            return self.codec.encode(delta), float(self.tokens_since_sync)
         # Keep the old residual: if the round fails, Δ is sent again next time and the
         # residual must not count this attempt's quantization error twice.
         r = self.feedback.residual
         self._residual_backup = None if r is None else r.clone()
         enc = self.feedback.compress(delta)
-        return enc, float(max(1, self.tokens_since_sync))
+        return enc, float(self.tokens_since_sync)
 
     def round_failed(self) -> None:
         """The round was not applied: undo this attempt's error-feedback update."""

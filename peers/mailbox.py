@@ -10,12 +10,13 @@ wait in a bounded buffer; older ones are dropped. Malformed ones are logged and 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
 
 from compression.wire import WireLimits
-from peers.errors import Malformed
+from peers.errors import Malformed, RoundFailed
 from peers.messages import Msg, header, parse
 from peers.transport import Transport
 
@@ -30,6 +31,7 @@ class Mailbox:
         self.transport, self.run, self.me, self.limits = transport, run, me, limits
         self.max_pending_bytes = max_pending_bytes
         self.scope = (0, 0, 0)  # (epoch, step, attempt) of the round in progress
+        self.closing = threading.Event()  # set by Swarm.shutdown: leave the round now
         self._pending: deque[Msg] = deque()
         self._pending_bytes = 0
 
@@ -65,12 +67,14 @@ class Mailbox:
                 self._pending_bytes -= m.nbytes
                 return m
         while True:
+            if self.closing.is_set():
+                raise RoundFailed("the swarm is shutting down")
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return None
-            env = self.transport.recv(remaining)
+            env = self.transport.recv(min(remaining, 0.25))  # short: notice `closing` soon
             if env is None:
-                return None
+                continue
             try:
                 m = parse(env.header, self.run, env.sender_key, env.payload, env.nbytes,
                           self.limits)

@@ -31,7 +31,8 @@ from peers.dht import SwarmDHT
 from peers.errors import NeedResync, RoundAborted, RoundFailed
 from peers.mailbox import Mailbox
 from peers.messages import Member, Msg
-from peers.records import Announcement, PeerRecord
+from peers.records import Announcement
+from peers.views import SwarmView
 
 log = logging.getLogger(__name__)
 REPLY_KINDS = frozenset({"BEGIN", "REDIRECT", "RETRY", "RESYNC", "REJECT", "FORMED"})
@@ -63,26 +64,23 @@ class Group:
 class Matchmaker:
     def __init__(self, cfg: SwarmConfig, dht: SwarmDHT, mb: Mailbox, me: Member) -> None:
         self.cfg, self.dht, self.mb, self.me = cfg, dht, mb, me
+        self.view = SwarmView(dht, me.peer_id)
 
     def form(self, req: RoundRequest, attempt: int, deadline: float) -> Group:
         """One matchmaking attempt; returns the group or raises NeedResync / RoundAborted."""
         self.mb.set_scope(req.epoch, req.step, attempt)
-        T0 = time.monotonic()
         self.check_progress(req)
-        log.info("M progress %.1f", (time.monotonic()-T0)*1000)
         ann = Announcement(self.me.peer_id, self.me.endpoint, self.me.curve_key, attempt,
                            req.weight, params_hash=req.params_hash, numel=req.numel,
                            codec=req.codec, block_size=req.block_size, vote=req.vote)
         ttl = self.cfg.round_timeout_s + 2 * self.cfg.matchmaking_s
-        self.dht.store(self._key(req), self.me.peer_id, ann.to_dict(), ttl)
-        log.info("M stored %.1f", (time.monotonic()-T0)*1000)
+        self.dht.store(self.view.announce_key(req.epoch, req.step), self.me.peer_id,
+                       ann.to_dict(), ttl)
         anns = self._gather(req, ann, min(deadline, time.monotonic() + self.cfg.matchmaking_s))
-        log.info("M gathered %.1f", (time.monotonic()-T0)*1000)
         top = max(a.attempt for a in anns.values())
         if top > attempt:
             raise RoundAborted(f"others are at attempt {top}", next_attempt=top)
         self.check_progress(req)
-        log.info("M progress2 %.1f", (time.monotonic()-T0)*1000)
         leader = min(pid for pid, a in anns.items() if a.attempt == attempt)
         if leader == self.me.peer_id:
             return self._lead(req, ann, anns, deadline)
@@ -93,10 +91,9 @@ class Matchmaker:
                 ) -> dict[str, Announcement]:
         """Announcements for our step when the window ends, or as soon as every live peer of
         our epoch has announced: a full swarm need not wait out the window."""
-        live = {r.peer_id for r in self.peers() if r.arch_epoch == req.epoch}
-        expected = live | {self.me.peer_id}
+        expected = self.view.live_in_epoch(req.epoch) | {self.me.peer_id}
         while True:
-            anns = self._announcements(req, ann)
+            anns = self.view.announcements(req.epoch, req.step, ann)
             present = {pid for pid, a in anns.items() if a.attempt >= ann.attempt}
             if time.monotonic() >= until or (expected <= present
                                               and len(present) >= self.cfg.min_peers):
@@ -110,18 +107,7 @@ class Matchmaker:
         attempt = ann.attempt
         for _ in range(8):  # redirects strictly lower the leader id, so this is a safety cap
             self._send_join(target, ann)
-            wait = min(deadline, time.monotonic() + 2 * self.cfg.matchmaking_s
-                       + self.cfg.phase_timeout_s)
-            msg = self.mb.get(wait, lambda m, t=target: self._is_reply(m, t, req) or (
-                m.kind == "JOIN" and (m.epoch, m.step) == (req.epoch, req.step)))
-            while msg is not None and msg.kind == "JOIN":
-                # Someone thinks we lead; point them at the leader we follow.
-                self._reply(msg, "REDIRECT", leader=target.to_dict())
-                msg = self.mb.get(wait, lambda m, t=target: self._is_reply(m, t, req) or (
-                    m.kind == "JOIN" and (m.epoch, m.step) == (req.epoch, req.step)))
-            if msg is None:
-                raise RoundAborted(f"leader {target.peer_id} did not answer",
-                                   next_attempt=attempt + 1)
+            msg = self._await_reply(req, target, deadline)
             if msg.kind == "BEGIN":
                 return self._accept_begin(msg, req, ann, target)
             if msg.kind == "REDIRECT":
@@ -135,11 +121,30 @@ class Matchmaker:
                                                                              attempt + 1))
             if msg.kind == "RESYNC":
                 raise NeedResync(f"group θ_g hash {msg.body['params_hash']} differs from ours "
-                                 f"({msg.body['reason']})", self._record_of(target.peer_id))
+                                 f"({msg.body['reason']})", self.view.record_of(target.peer_id))
             if msg.kind == "REJECT":
                 raise RoundFailed(f"leader {target.peer_id} rejected us: {msg.body['reason']}")
             self.await_outcome(req, attempt, deadline)  # FORMED: a round runs without us
         raise RoundAborted("too many redirects", next_attempt=attempt + 1)
+
+    def _await_reply(self, req: RoundRequest, target: Member, deadline: float) -> Msg:
+        """The leader's answer to our JOIN. It may legitimately take a window and a grace
+        period; meanwhile answer stray JOINs and notice a round that committed without us."""
+        until = min(deadline, time.monotonic() + 2 * self.cfg.matchmaking_s
+                    + self.cfg.phase_timeout_s)
+        while True:
+            msg = self.mb.get(min(until, time.monotonic() + 1.0), lambda m: self._is_reply(
+                m, target, req) or (m.kind == "JOIN" and (m.epoch, m.step) == (req.epoch,
+                                                                              req.step)))
+            if msg is None:
+                if time.monotonic() >= until:
+                    raise RoundAborted(f"leader {target.peer_id} did not answer",
+                                       next_attempt=self.mb.scope[2] + 1)
+                self.check_progress(req)
+            elif msg.kind == "JOIN":  # someone thinks we lead: point it at our leader
+                self._reply(msg, "REDIRECT", leader=target.to_dict())
+            else:
+                return msg
 
     def _is_reply(self, m: Msg, target: Member, req: RoundRequest) -> bool:
         # Replies echo our attempt; a RETRY names a later one. Anything else is stale.
@@ -160,7 +165,7 @@ class Matchmaker:
             raise RoundAborted("BEGIN for another tensor layout", next_attempt=ann.attempt + 1)
         if b["params_hash"] != req.params_hash:
             raise NeedResync(f"group θ_g hash {b['params_hash']} differs from ours",
-                             self._record_of(leader.peer_id))
+                             self.view.record_of(leader.peer_id))
         lead = [m for m in b["members"] if m.peer_id == leader.peer_id]
         if not lead:
             raise RoundAborted("BEGIN without its leader", next_attempt=ann.attempt + 1)
@@ -182,7 +187,7 @@ class Matchmaker:
                 break
             self._on_join(msg, req, joined)
         # Fresh view: a lower id may have appeared, and joiners must not impersonate anyone.
-        anns = self._announcements(req, ann)
+        anns = self.view.announcements(req.epoch, req.step, ann)
         lower = sorted(pid for pid, a in anns.items() if a.attempt == attempt
                        and pid < self.me.peer_id)
         if lower:
@@ -195,7 +200,7 @@ class Matchmaker:
             if seen is not None and seen.curve_key != joined[pid].curve_key:
                 log.warning("JOIN from %s does not match its DHT announcement; ignored", pid)
                 del joined[pid]
-        if self._busy_without_us(req, joined):
+        if self.view.busy_without_us(req.epoch, req.step, attempt, set(joined)):
             self._tell(joined, "RETRY", attempt=attempt + 1)
             self.await_outcome(req, attempt, deadline)
         states = {pid: (a.params_hash, a.numel) for pid, a in joined.items()}
@@ -204,7 +209,7 @@ class Matchmaker:
             holder = min(pid for pid, s in states.items() if s == majority)
             self._tell(joined, "RETRY", attempt=attempt + 1)
             raise NeedResync(f"the majority of joiners hold θ_g {majority[0]}, not ours",
-                             self._record_of(holder))
+                             self.view.record_of(holder))
         for pid in [pid for pid, s in states.items() if s != majority]:
             self._reply_to(joined.pop(pid), "RESYNC", params_hash=majority[0],
                            reason="θ_g hash differs from the group majority")
@@ -235,18 +240,6 @@ class Matchmaker:
         elif a.peer_id != self.me.peer_id:
             joined[a.peer_id] = a
 
-    # ---- DHT views --------------------------------------------------------------------------
-
-    def check_progress(self, req: RoundRequest) -> None:
-        """NeedResync if a live peer already committed our step, or moved to a later epoch."""
-        ahead = [r for r in self.peers() if r.peer_id != self.me.peer_id and (
-            r.arch_epoch > req.epoch or (r.arch_epoch == req.epoch and r.last_round >= req.step))]
-        if ahead:
-            best = max(ahead, key=lambda r: (r.arch_epoch, r.last_round))
-            raise NeedResync(f"peer {best.peer_id} is at epoch {best.arch_epoch} step "
-                             f"{best.last_round}; we are at epoch {req.epoch} step {req.step}",
-                             best.public())
-
     def await_outcome(self, req: RoundRequest, attempt: int, deadline: float) -> None:
         """A round for our step runs without us: wait until it commits (-> NeedResync) or
         its members come back at a higher attempt (-> RoundAborted, to join them)."""
@@ -256,33 +249,17 @@ class Matchmaker:
         while time.monotonic() < deadline:
             self.mb.pump(min(deadline, time.monotonic() + 0.5))
             self.check_progress(req)
-            top = max((a.attempt for a in self._announcements(req, None).values()), default=0)
-            idle = time.monotonic() > settle and not self._busy_without_us(req, {})
+            top = max((a.attempt for a in self.view.announcements(req.epoch, req.step).values()),
+                      default=0)
+            idle = time.monotonic() > settle and not self.view.busy_without_us(
+                req.epoch, req.step, attempt, set())
             if top > attempt or idle:
                 raise RoundAborted("the other group finished or gave up",
                                    next_attempt=max(top, attempt + 1))
         raise RoundFailed("a round for our step ran without us until the deadline")
 
-    def _busy_without_us(self, req: RoundRequest, joined: dict) -> bool:
-        return any(r.in_round is not None and r.in_round[:2] == (req.epoch, req.step)
-                   and r.in_round[2] >= self.mb.scope[2] and r.peer_id not in joined
-                   and r.peer_id != self.me.peer_id for r in self.peers())
-
-    def peers(self) -> list[PeerRecord]:
-        return self.dht.fetch(self.dht.key("peers"), PeerRecord.from_dict)
-
-    def _record_of(self, peer_id: str) -> dict | None:
-        return next((r.public() for r in self.peers() if r.peer_id == peer_id), None)
-
-    def _announcements(self, req: RoundRequest, mine: Announcement | None
-                       ) -> dict[str, Announcement]:
-        anns = {a.peer_id: a for a in self.dht.fetch(self._key(req), Announcement.from_dict)}
-        if mine is not None:
-            anns[mine.peer_id] = mine  # our own write may not be readable yet
-        return anns
-
-    def _key(self, req: RoundRequest) -> str:
-        return self.dht.key("round", req.epoch, req.step)
+    def check_progress(self, req: RoundRequest) -> None:
+        self.view.check_progress(req.epoch, req.step)
 
     # ---- sending ----------------------------------------------------------------------------
 

@@ -20,12 +20,13 @@ import hashlib
 import logging
 import time
 from collections.abc import Callable
+from typing import NoReturn
 
 import torch
 
 from compression.codec import Encoded, get_codec, shard_bounds
 from compression.wire import pack
-from peers.errors import Malformed, RoundAborted
+from peers.errors import Malformed, RoundAborted, RoundFailed
 from peers.mailbox import Mailbox
 from peers.membership import Group
 from peers.messages import ROUND_KINDS, Member, Msg
@@ -46,11 +47,12 @@ class RoundRunner:
         n_members, i = len(members), [m.peer_id for m in members].index(self.me)
         bounds = shard_bounds(local.numel, local.align, n_members)
         codec = get_codec(local.codec, local.block_size)
+        marks = [("start", time.monotonic())]  # phase timeline for the debug log
         for k, m in enumerate(members):
             if k != i:
                 self._send(m, "PART", g, payload=pack(local.slice(*bounds[k])), shard=k)
+        marks.append(("parts_sent", time.monotonic()))
         self._hook("after_parts", g.step)
-        T0 = time.monotonic(); log.info("T parts sent")
 
         parts: dict[int, Encoded] = {i: local.slice(*bounds[i])}
         reduced: dict[int, tuple[Encoded, bytes]] = {}
@@ -58,12 +60,14 @@ class RoundRunner:
         progress = time.monotonic()
         while len(reduced) < n_members:
             if len(parts) == n_members and i not in reduced:
+                marks.append(("parts_in", time.monotonic()))
                 enc = self._reduce(parts, members, codec)
                 data = pack(enc)
                 reduced[i] = (enc, data)
                 for k, m in enumerate(members):
                     if k != i:
                         self._send(m, "REDUCED", g, payload=data, shard=i)
+                marks.append(("reduced_sent", time.monotonic()))
                 continue
             msg, k = self._next(g, min(deadline, progress + self.phase_timeout_s))
             if msg.kind == "PART" and msg.body["shard"] == i and k not in parts:
@@ -78,8 +82,8 @@ class RoundRunner:
                             msg.body.get("shard"), msg.sender, g.rid)
                 continue
             progress = time.monotonic()
+        marks.append(("reduced_in", time.monotonic()))
         self._hook("after_reduce", g.step)
-        log.info("T reduced %.1f ms", (time.monotonic()-T0)*1000)
 
         mean = torch.empty(local.numel, dtype=torch.float32)
         digest = hashlib.sha256()
@@ -87,9 +91,11 @@ class RoundRunner:
             enc, data = reduced[k]
             mean[bounds[k][0]:bounds[k][1]] = codec.decode(enc).view(-1)
             digest.update(data)
-        log.info("T decoded %.1f ms", (time.monotonic()-T0)*1000)
+        marks.append(("decoded", time.monotonic()))
         self._commit(g, i, digest.hexdigest(), dones, deadline)
-        log.info("T committed %.1f ms", (time.monotonic()-T0)*1000)
+        marks.append(("committed", time.monotonic()))
+        log.debug("round %s timeline (ms): %s", g.rid, " ".join(
+            f"{name}={1000 * (t - marks[0][1]):.0f}" for name, t in marks[1:]))
         return mean.view(local.shape)
 
     def _commit(self, g: Group, i: int, digest: str, dones: dict[int, str],
@@ -121,8 +127,11 @@ class RoundRunner:
         """Next message of this round from an authenticated member, answering late JOINs."""
         index = {m.peer_id: k for k, m in enumerate(g.members)}
         while True:
-            msg = self.mb.get(until, lambda m: (m.kind in ROUND_KINDS and m.rid == g.rid) or (
-                m.kind == "JOIN" and (m.epoch, m.step) == (g.epoch, g.step)))
+            try:
+                msg = self.mb.get(until, lambda m: (m.kind in ROUND_KINDS and m.rid == g.rid)
+                                  or (m.kind == "JOIN" and (m.epoch, m.step) == (g.epoch, g.step)))
+            except RoundFailed:  # we are shutting down: tell the others instead of stalling them
+                self._abort(g, "a member is leaving the swarm", RoundFailed)
             if msg is None:
                 self._abort(g, f"no progress for {self.phase_timeout_s:.1f}s")
             if msg.kind == "JOIN":
@@ -167,13 +176,15 @@ class RoundRunner:
         self.mb.send(m.endpoint, m.curve_key, kind, attempt=g.attempt, payload=payload,
                      rid=g.rid, **body)
 
-    def _abort(self, g: Group, reason: str) -> None:
+    def _abort(self, g: Group, reason: str, exc: type[Exception] = RoundAborted) -> NoReturn:
         log.warning("aborting round %s (epoch %d step %d attempt %d): %s", g.rid, g.epoch,
                     g.step, g.attempt, reason)
         for m in g.members:
             if m.peer_id != self.me:
                 self._send(m, "ABORT", g, reason=reason[:500])
-        raise RoundAborted(reason, next_attempt=g.attempt + 1)
+        if exc is RoundAborted:
+            raise RoundAborted(reason, next_attempt=g.attempt + 1)
+        raise exc(reason)
 
     def _hook(self, phase: str, step: int) -> None:
         if self.hook is not None:

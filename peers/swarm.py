@@ -95,12 +95,23 @@ class Swarm:
                  self.visible_maddrs)
 
     def shutdown(self) -> None:
-        """Close sockets, stop the DHT process and its p2pd child. Safe to call twice."""
-        if getattr(self, "transport", None) is not None:
-            self.transport.close()
-            self.transport = None
-        self.dht.shutdown()
-        self._started = False
+        """Leave any round in progress, close sockets, stop the DHT and its p2pd child.
+
+        Safe to call twice and from another thread than the one in all_reduce (that call
+        then raises RoundFailed within a fraction of a second; nothing is applied).
+        """
+        if getattr(self, "mailbox", None) is not None:
+            self.mailbox.closing.set()
+        got = self._lock.acquire(timeout=max(5.0, self.cfg.dht_timeout_s))
+        try:
+            if getattr(self, "transport", None) is not None:
+                self.transport.close()
+                self.transport = None
+            self.dht.shutdown()
+            self._started = False
+        finally:
+            if got:
+                self._lock.release()
 
     def __enter__(self) -> Swarm:
         self.start()
@@ -118,6 +129,8 @@ class Swarm:
             raise RuntimeError("Swarm.start() first")
         if not (weight >= 0 and weight < float("inf")):
             raise ValueError(f"weight must be finite and >= 0, got {weight}")
+        if not isinstance(params_hash, str) or not 0 < len(params_hash) <= 128:
+            raise ValueError("params_hash must be a non-empty str of <= 128 chars")
         try:
             opt_vote({"vote": vote})
         except Malformed as e:

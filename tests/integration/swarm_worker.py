@@ -28,6 +28,8 @@ from compression.codec import get_codec
 from peers.errors import NeedResync, RoundFailed
 from peers.swarm import Swarm, SwarmConfig
 
+GROW = {"kind": "experts", "factor": 2, "alpha": 0.0, "seed": 7}
+
 
 def contribution(seed: int, step: int, numel: int) -> torch.Tensor:
     """The vector peer `seed` contributes at `step` (the tests recompute it)."""
@@ -70,9 +72,13 @@ def main() -> None:
     ap.add_argument("--max-frame-bytes", type=int, default=256 << 20)
     ap.add_argument("--fault", default=None, help="STEP:PHASE (after_parts, after_reduce, ...)")
     ap.add_argument("--out", default=None, help="directory for <seed>_<step>.npy results")
+    ap.add_argument("--vote-step", type=int, action="append", default=[],
+                    help="vote for GROW at this step (repeatable)")
+    ap.add_argument("--bad-hash-step", type=int, default=-1,
+                    help="claim a wrong θ_g hash at this step (expect NeedResync)")
     ap.add_argument("--linger", type=float, default=1.0, help="seconds to stay up at the end")
     args = ap.parse_args()
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+    logging.basicConfig(level=os.environ.get("SWARM_LOG", "INFO"), stream=sys.stderr,
                         format=f"[seed {args.seed}] %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(1)
 
@@ -89,24 +95,29 @@ def main() -> None:
         while len(swarm.list_peers()) < args.wait_peers and time.monotonic() < until:
             time.sleep(0.2)
         codec = get_codec(args.codec)
-        params_hash = "init"
+        params_hash, epoch = "init", 0
         for step in range(args.rounds):
             enc = codec.encode(contribution(args.seed, step, args.numel))
+            claimed = "forged" if step == args.bad_hash_step else params_hash
+            vote = GROW if step in args.vote_step else None
             try:
-                res = swarm.all_reduce(enc, args.weight, arch_epoch=0, step=step,
-                                       params_hash=params_hash)
+                res = swarm.all_reduce(enc, args.weight, arch_epoch=epoch, step=step,
+                                       params_hash=claimed, vote=vote)
             except (NeedResync, RoundFailed) as e:
                 emit(event="error", step=step, kind=type(e).__name__, msg=str(e))
                 break
+            if res.committed_vote is not None:
+                epoch += 1  # what the app does: apply the growth event, next arch epoch
             params_hash = hashlib.sha256(res.mean.numpy().tobytes()).hexdigest()
             if args.out:
                 np.save(os.path.join(args.out, f"{args.seed}_{step}.npy"), res.mean.numpy())
             emit(event="round", step=step, sha256=params_hash, members=res.members,
                  bytes_sent=res.bytes_sent, bytes_recv=res.bytes_recv, attempts=res.attempts,
-                 seconds=round(res.seconds, 3), leader=res.leader)
+                 seconds=round(res.seconds, 3), leader=res.leader,
+                 committed=res.committed_vote, epoch=epoch)
             swarm.publish_progress({"step": step, "params_hash": params_hash})
         time.sleep(args.linger)  # let a slower member receive our last COMMIT
-        emit(event="done", dropped=swarm.dropped_frames)
+        emit(event="done", dropped=swarm.dropped_frames, history=swarm.growth_history())
     finally:
         swarm.shutdown()
 

@@ -138,9 +138,10 @@ def check_round(tmp_path: Path, peers: list[Peer], step: int, contributors: list
 
 @pytest.mark.timeout(150)
 def test_three_peers_agree_bit_for_bit_and_send_the_expected_bytes(swarm, tmp_path):
-    peers = swarm(3)
-    for p in peers:
-        p.wait_for("done")
+    # Peers 0 and 1 vote to grow at step 1 (2 of 3 = quorum); only peer 0 at step 2.
+    peers = swarm(3, extra={0: ["--vote-step", "1", "--vote-step", "2"],
+                            1: ["--vote-step", "1"]})
+    done = [p.wait_for("done") for p in peers]
     block = get_codec("int8").block_size
     ideal = 2 * 2 / 3 * NUMEL * (8 + 32 / block) / 8  # reduce-scatter + all-gather, int8
     for step in range(3):
@@ -151,6 +152,23 @@ def test_three_peers_agree_bit_for_bit_and_send_the_expected_bytes(swarm, tmp_pa
             # Data plus a few small control messages: within 3% of the ideal volume.
             assert ideal <= r["bytes_sent"] <= 1.03 * ideal, (r["bytes_sent"], ideal)
             assert ideal <= r["bytes_recv"] <= 1.03 * ideal, (r["bytes_recv"], ideal)
+            assert r["committed"] == (worker.GROW if step == 1 else None)
+    # The committed event is in the DHT history for joiners, once, from the round's leader.
+    for d in done:
+        assert [(h["arch_epoch"], h["step"], h["vote"]) for h in d["history"]] == [
+            (0, 1, worker.GROW)]
+
+
+@pytest.mark.timeout(150)
+def test_a_peer_with_a_different_params_hash_is_told_to_resync(swarm, tmp_path):
+    peers = swarm(3, extra={2: ["--bad-hash-step", "1"]}, common=["--min-peers", "2"])
+    err = peers[2].wait_for("error")
+    assert err["kind"] == "NeedResync" and err["step"] == 1, err
+    for p in peers[:2]:
+        p.wait_for("done")
+    check_round(tmp_path, peers, 0, [0, 1, 2])
+    for step in (1, 2):  # the others carried on without it, bit-identical
+        check_round(tmp_path, peers[:2], step, [0, 1])
 
 
 def _fault_test(swarm, tmp_path, victim: int, phase: str, sig: int) -> None:
