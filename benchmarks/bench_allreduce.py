@@ -243,6 +243,11 @@ def main() -> None:
     ap.add_argument("--join", action="append", default=[])
     a = ap.parse_args()
     if a.worker:
+        import torch
+
+        # P processes share the cores: one intra-op thread each, for both implementations
+        # (with 2 threads per process on a busy 2-core box, torch ops run ~10x slower).
+        torch.set_num_threads(1)
         a.impl, a.peers, a.numel = a.worker, a.peers[0], a.numel[0]
         (run_ours if a.worker == "ours" else run_hivemind)(a)
         return

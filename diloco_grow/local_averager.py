@@ -18,11 +18,6 @@ from compression.wire import pack
 from diloco_grow.outer import RoundResult, make_codec
 
 
-def shard_align(enc: Encoded) -> int:
-    # int4 packs two values per byte, so shards must also start on an even element.
-    return max(2, enc.block_size + enc.block_size % 2)
-
-
 def weighted_mean_encoded(shards: list[Encoded], weights: list[float], codec_name: str,
                           block_size: int) -> Encoded:
     """Decode every contribution to fp32, take the weighted mean, encode it once."""
@@ -52,7 +47,7 @@ class LocalAverager:
         numel = encs[0].numel
         if any(e.numel != numel for e in encs):
             raise ValueError("contributions have different lengths")
-        bounds = shard_bounds(numel, shard_align(encs[0]), n)
+        bounds = shard_bounds(numel, encs[0].align, n)  # as the swarm cuts it
         mean_shards, sent = [], [0] * n
         for r, (lo, hi) in enumerate(bounds):  # r: the reducer of this shard
             parts = [e.slice(lo, hi) for e in encs]

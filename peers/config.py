@@ -16,7 +16,9 @@ class SwarmConfig:
     announce_host: str | None = None  # address others should dial, if not `host` (NAT)
     data_port: int = 0  # zmq ROUTER port; 0 = any free port
     initial_peers: tuple[str, ...] = ()  # multiaddrs of live peers to join through
-    matchmaking_s: float = 2.0  # announce window before a group is formed
+    # Longest wait for others to announce a step; cut short as soon as every live peer of
+    # the epoch has announced, so a generous value costs nothing when peers keep pace.
+    matchmaking_s: float = 2.0
     phase_timeout_s: float = 10.0  # a round aborts after this long without progress
     round_timeout_s: float = 30.0  # all_reduce gives up (RoundFailed) after this long
     min_peers: int = 1  # smallest group that may average, and smallest vote count to commit

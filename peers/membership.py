@@ -69,14 +69,16 @@ class Matchmaker:
     def form(self, req: RoundRequest, attempt: int, deadline: float) -> Group:
         """One matchmaking attempt; returns the group or raises NeedResync / RoundAborted."""
         self.mb.set_scope(req.epoch, req.step, attempt)
-        self.check_progress(req)
+        live = self.view.live_in_epoch(self.check_progress(req), req.epoch)
         ann = Announcement(self.me.peer_id, self.me.endpoint, self.me.curve_key, attempt,
                            req.weight, params_hash=req.params_hash, numel=req.numel,
                            codec=req.codec, block_size=req.block_size, vote=req.vote)
         ttl = self.cfg.round_timeout_s + 2 * self.cfg.matchmaking_s
+        # Not awaited: others poll for it, and our own reads add it (views.announcements).
         self.dht.store(self.view.announce_key(req.epoch, req.step), self.me.peer_id,
-                       ann.to_dict(), ttl)
-        anns = self._gather(req, ann, min(deadline, time.monotonic() + self.cfg.matchmaking_s))
+                       ann.to_dict(), ttl, wait=False)
+        anns = self._gather(req, ann, live | {self.me.peer_id},
+                            min(deadline, time.monotonic() + self.cfg.matchmaking_s))
         top = max(a.attempt for a in anns.values())
         if top > attempt:
             raise RoundAborted(f"others are at attempt {top}", next_attempt=top)
@@ -87,11 +89,10 @@ class Matchmaker:
         a = anns[leader]
         return self._follow(req, ann, Member(a.peer_id, a.endpoint, a.curve_key, 0.0), deadline)
 
-    def _gather(self, req: RoundRequest, ann: Announcement, until: float
-                ) -> dict[str, Announcement]:
+    def _gather(self, req: RoundRequest, ann: Announcement, expected: set[str],
+                until: float) -> dict[str, Announcement]:
         """Announcements for our step when the window ends, or as soon as every live peer of
-        our epoch has announced: a full swarm need not wait out the window."""
-        expected = self.view.live_in_epoch(req.epoch) | {self.me.peer_id}
+        our epoch (`expected`) has announced: a full swarm need not wait out the window."""
         while True:
             anns = self.view.announcements(req.epoch, req.step, ann)
             present = {pid for pid, a in anns.items() if a.attempt >= ann.attempt}
@@ -258,8 +259,8 @@ class Matchmaker:
                                    next_attempt=max(top, attempt + 1))
         raise RoundFailed("a round for our step ran without us until the deadline")
 
-    def check_progress(self, req: RoundRequest) -> None:
-        self.view.check_progress(req.epoch, req.step)
+    def check_progress(self, req: RoundRequest) -> list:
+        return self.view.check_progress(req.epoch, req.step)
 
     # ---- sending ----------------------------------------------------------------------------
 

@@ -24,7 +24,7 @@ from typing import NoReturn
 
 import torch
 
-from compression.codec import Encoded, get_codec, shard_bounds
+from compression.codec import Codec, Encoded, get_codec, shard_bounds
 from compression.wire import pack
 from peers.errors import Malformed, RoundAborted, RoundFailed
 from peers.mailbox import Mailbox
@@ -54,26 +54,30 @@ class RoundRunner:
         marks.append(("parts_sent", time.monotonic()))
         self._hook("after_parts", g.step)
 
-        parts: dict[int, Encoded] = {i: local.slice(*bounds[i])}
-        reduced: dict[int, tuple[Encoded, bytes]] = {}
+        acc = _Accumulator(members, bounds[i][1] - bounds[i][0], codec)
+        acc.add(i, local.slice(*bounds[i]))
+        mean = torch.empty(local.numel, dtype=torch.float32)
+        reduced: dict[int, bytes] = {}  # the exact frames, hashed in shard order below
         dones: dict[int, str] = {}
         progress = time.monotonic()
         while len(reduced) < n_members:
-            if len(parts) == n_members and i not in reduced:
+            if acc.complete and i not in reduced:
                 marks.append(("parts_in", time.monotonic()))
-                enc = self._reduce(parts, members, codec)
-                data = pack(enc)
-                reduced[i] = (enc, data)
+                enc = codec.encode(acc.total)  # encoded ONCE; everyone decodes these bytes
+                reduced[i] = pack(enc)
                 for k, m in enumerate(members):
                     if k != i:
-                        self._send(m, "REDUCED", g, payload=data, shard=i)
+                        self._send(m, "REDUCED", g, payload=reduced[i], shard=i)
+                mean[bounds[i][0]:bounds[i][1]] = codec.decode(enc).view(-1)
                 marks.append(("reduced_sent", time.monotonic()))
                 continue
             msg, k = self._next(g, min(deadline, progress + self.phase_timeout_s))
-            if msg.kind == "PART" and msg.body["shard"] == i and k not in parts:
-                parts[k] = self._shard(g, msg, bounds[i], local)
+            if msg.kind == "PART" and msg.body["shard"] == i and not acc.has(k):
+                acc.add(k, self._shard(g, msg, bounds[i], local))
             elif msg.kind == "REDUCED" and msg.body["shard"] == k and k not in reduced:
-                reduced[k] = (self._shard(g, msg, bounds[k], local), bytes(msg.payload))
+                enc = self._shard(g, msg, bounds[k], local)
+                mean[bounds[k][0]:bounds[k][1]] = codec.decode(enc).view(-1)
+                reduced[k] = bytes(msg.payload)
             elif msg.kind == "DONE":
                 dones[k] = msg.body["digest"]  # an early DONE for the leader: keep it
                 continue
@@ -82,15 +86,10 @@ class RoundRunner:
                             msg.body.get("shard"), msg.sender, g.rid)
                 continue
             progress = time.monotonic()
-        marks.append(("reduced_in", time.monotonic()))
         self._hook("after_reduce", g.step)
-
-        mean = torch.empty(local.numel, dtype=torch.float32)
         digest = hashlib.sha256()
         for k in range(n_members):
-            enc, data = reduced[k]
-            mean[bounds[k][0]:bounds[k][1]] = codec.decode(enc).view(-1)
-            digest.update(data)
+            digest.update(reduced[k])
         marks.append(("decoded", time.monotonic()))
         self._commit(g, i, digest.hexdigest(), dones, deadline)
         marks.append(("committed", time.monotonic()))
@@ -161,16 +160,6 @@ class RoundRunner:
             self._abort(g, f"invalid {msg.kind} from {msg.sender}")
         return msg.enc
 
-    @staticmethod
-    def _reduce(parts: dict[int, Encoded], members: tuple[Member, ...], codec) -> Encoded:
-        total = sum(m.weight for m in members)
-        n = len(members)
-        acc = torch.zeros(parts[0].numel, dtype=torch.float32)
-        for k in sorted(parts):  # fixed order: the reducer's sum is reproducible
-            w = members[k].weight / total if total > 0 else 1.0 / n
-            acc.add_(codec.decode(parts[k]).view(-1), alpha=w)
-        return codec.encode(acc)
-
     def _send(self, m: Member, kind: str, g: Group, payload: bytes | None = None,
               **body: object) -> None:
         self.mb.send(m.endpoint, m.curve_key, kind, attempt=g.attempt, payload=payload,
@@ -189,6 +178,33 @@ class RoundRunner:
     def _hook(self, phase: str, step: int) -> None:
         if self.hook is not None:
             self.hook(phase, step)
+
+
+class _Accumulator:
+    """Weighted fp32 sum of one shard's contributions. Parts are decoded and added as soon
+    as they arrive (overlapping the network), but always in member order, so the reducer's
+    result does not depend on arrival order."""
+
+    def __init__(self, members: tuple[Member, ...], numel: int, codec: Codec) -> None:
+        total = sum(m.weight for m in members)
+        n = len(members)
+        self.weights = [m.weight / total if total > 0 else 1.0 / n for m in members]
+        self.total = torch.zeros(numel, dtype=torch.float32)
+        self.codec, self._next, self._waiting = codec, 0, {}
+
+    def add(self, k: int, enc: Encoded) -> None:
+        self._waiting[k] = enc
+        while self._next in self._waiting:
+            x = self.codec.decode(self._waiting.pop(self._next)).view(-1)
+            self.total.add_(x, alpha=self.weights[self._next])
+            self._next += 1
+
+    def has(self, k: int) -> bool:
+        return k < self._next or k in self._waiting
+
+    @property
+    def complete(self) -> bool:
+        return self._next == len(self.weights)
 
 
 def check_shard(enc: Encoded, bound: tuple[int, int], local: Encoded) -> None:

@@ -8,7 +8,8 @@
 
 `all_reduce` retries internally (new group without dead or stalled peers) until
 `round_timeout_s`, then raises RoundFailed; it raises NeedResync when our θ_g is not the
-group's or the swarm already moved past our step. Calls are serialised by a lock, so an app
+group's or the swarm already moved past our step (a peer that misses a round, e.g. because it
+arrived after `matchmaking_s`, must download state). Calls are serialised by a lock, so an app
 may run it in a background thread (overlapping rounds with compute) as long as rounds do not
 overlap each other.
 """
@@ -171,7 +172,9 @@ class Swarm:
         # A committed growth event moves every member to the next architecture epoch; saying
         # so at once lets laggards of the old epoch notice (NeedResync) instead of waiting.
         self._epoch = req.epoch + (1 if vote is not None else 0)
-        self._publish(wait=True)  # others' progress checks rely on this being visible
+        # Others' progress checks rely on this record; it is sent now, and by the time anyone
+        # could need it (after a phase timeout) the DHT has long stored it.
+        self._publish(wait=False)
         if vote is not None and g.leader.peer_id == self.peer_id:
             entry = HistoryEntry(req.epoch, req.step, vote, vote_hash(vote),
                                  tuple(m.peer_id for m in g.members), self.peer_id)

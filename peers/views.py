@@ -21,8 +21,9 @@ class SwarmView:
     def record_of(self, peer_id: str) -> dict | None:
         return next((r.public() for r in self.peers() if r.peer_id == peer_id), None)
 
-    def live_in_epoch(self, epoch: int) -> set[str]:
-        return {r.peer_id for r in self.peers() if r.arch_epoch == epoch}
+    @staticmethod
+    def live_in_epoch(recs: list[PeerRecord], epoch: int) -> set[str]:
+        return {r.peer_id for r in recs if r.arch_epoch == epoch}
 
     def announce_key(self, epoch: int, step: int) -> str:
         return self.dht.key("round", epoch, step)
@@ -35,15 +36,20 @@ class SwarmView:
             anns[mine.peer_id] = mine  # our own write may not be readable yet
         return anns
 
-    def check_progress(self, epoch: int, step: int) -> None:
-        """NeedResync if a live peer already committed our step, or moved to a later epoch."""
-        ahead = [r for r in self.peers() if r.peer_id != self.me and (
+    def check_progress(self, epoch: int, step: int) -> list[PeerRecord]:
+        """NeedResync if a live peer already committed our step, or moved to a later epoch.
+
+        Returns the records it read, for callers that need the live set too.
+        """
+        recs = self.peers()
+        ahead = [r for r in recs if r.peer_id != self.me and (
             r.arch_epoch > epoch or (r.arch_epoch == epoch and r.last_round >= step))]
         if ahead:
             best = max(ahead, key=lambda r: (r.arch_epoch, r.last_round))
             raise NeedResync(f"peer {best.peer_id} is at epoch {best.arch_epoch} step "
                              f"{best.last_round}; we are at epoch {epoch} step {step}",
                              best.public())
+        return recs
 
     def busy_without_us(self, epoch: int, step: int, attempt: int, joined: set[str]) -> bool:
         """Is someone outside `joined` in the data phase of our step, at our attempt or later?
