@@ -75,7 +75,8 @@ def main() -> None:
     sync = results[0]
     print(json.dumps(sync), flush=True)
     for r in results[1:]:
-        r["bytes_ratio_vs_sync"] = sync["bytes_sent_per_worker"] / max(1, r["bytes_sent_per_worker"])
+        sent = max(1, r["bytes_sent_per_worker"])
+        r["bytes_ratio_vs_sync"] = sync["bytes_sent_per_worker"] / sent
         r["val_gap_vs_sync_pct"] = 100 * (r["val_loss"] - sync["val_loss"]) / sync["val_loss"]
         print(json.dumps(r), flush=True)
 
@@ -83,14 +84,15 @@ def main() -> None:
     tag = "smoke" if args.smoke else "full"
     plot_runs([r["metrics"] for r in results], out / f"quality_{tag}.png",
               [r["run"] for r in results])
-    lines = ["| run | H | codec | val loss | bytes/worker | × fewer bytes than sync | gap to sync |",
+    lines = ["| run | H | codec | val loss | bytes/worker | × fewer bytes | gap to sync |",
              "|---|---|---|---|---|---|---|"]
     for r in results:
         lines.append(f"| {r['run']} | {r['H']} | {r['codec']} | {r['val_loss']:.4f} | "
                      f"{r['bytes_sent_per_worker']:.3g} | {r.get('bytes_ratio_vs_sync', 1):.0f} | "
                      f"{r.get('val_gap_vs_sync_pct', 0):+.2f}% |")
     (out / f"quality_{tag}.md").write_text(
-        f"steps/worker={steps} workers={args.workers} tokens={sync['tokens']}\n\n" + "\n".join(lines) + "\n")
+        f"steps/worker={steps} workers={args.workers} tokens={sync['tokens']}\n\n"
+        + "\n".join(lines) + "\n")
     best = min(results[1:], key=lambda r: r["val_gap_vs_sync_pct"])
     print(json.dumps({"summary": {"sync_val_loss": sync["val_loss"], "best_run": best["run"],
                                   "best_gap_pct": best["val_gap_vs_sync_pct"],

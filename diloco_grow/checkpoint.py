@@ -37,13 +37,15 @@ def unpack_state(blob: bytes) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     try:
         tensors = st_load(blob)
         header_len = int.from_bytes(blob[:8], "little")
-        header = json.loads(blob[8:8 + header_len])
+        header = json.loads(blob[8 : 8 + header_len])
         meta = json.loads(header["__metadata__"]["meta"])
     except Exception as e:  # safetensors raises several types on garbage
         raise CheckpointError(f"not a diloco-grow state blob: {e}") from None
     if meta.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"state format version {meta.get('format_version')!r} is not "
-                              f"{FORMAT_VERSION}; upgrade diloco-grow on both ends")
+        raise CheckpointError(
+            f"state format version {meta.get('format_version')!r} is not "
+            f"{FORMAT_VERSION}; upgrade diloco-grow on both ends"
+        )
     return tensors, meta
 
 
@@ -71,12 +73,17 @@ def atomic_write(path: str | Path, data: bytes) -> None:
 
 # --- the shared (global) part: θ_g, momentum, arch, step, growth history -------------
 
+
 def global_tensors_meta(g: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     tensors = {"theta_g": g.theta}
     tensors.update({f"outer.{k}": v for k, v in g.outer.state_dict().items()})
-    meta = {"model_cfg": dataclasses.asdict(g.model_cfg), "step": g.step, "arch_epoch": g.arch_epoch,
-            "history": g.history, "outer": {"lr": g.outer.lr, "momentum": g.outer.momentum,
-                                             "nesterov": g.outer.nesterov}}
+    meta = {
+        "model_cfg": dataclasses.asdict(g.model_cfg),
+        "step": g.step,
+        "arch_epoch": g.arch_epoch,
+        "history": g.history,
+        "outer": {"lr": g.outer.lr, "momentum": g.outer.momentum, "nesterov": g.outer.nesterov},
+    }
     return tensors, meta
 
 
@@ -89,8 +96,9 @@ def global_from(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Any:
         outer = OuterOptimizer(float(o["lr"]), float(o["momentum"]), bool(o["nesterov"]))
         outer.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("outer.")})
         theta = tensors["theta_g"].float()
-        g = GlobalState(cfg, theta, outer, int(meta["step"]), int(meta["arch_epoch"]),
-                        list(meta["history"]))
+        g = GlobalState(
+            cfg, theta, outer, int(meta["step"]), int(meta["arch_epoch"]), list(meta["history"])
+        )
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"state is missing or has a bad field: {e}") from None
     n = sum(p.numel() for p in _shapes(cfg))
@@ -110,6 +118,7 @@ def _shapes(cfg: Any) -> list[torch.Tensor]:
 
 # --- a worker's private part: AdamW, error feedback, data position --------------------
 
+
 def worker_tensors_meta(w: Any, prefix: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     sd = w.inner.state_dict()
     tensors: dict[str, torch.Tensor] = {}
@@ -118,24 +127,37 @@ def worker_tensors_meta(w: Any, prefix: str) -> tuple[dict[str, torch.Tensor], d
             tensors[f"{prefix}opt.{idx}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
     if w.feedback is not None:
         tensors.update({f"{prefix}ef.{k}": v for k, v in w.feedback.state_dict().items()})
-    meta = {"param_groups": sd["opt"]["param_groups"], "step": sd["step"],
-            "warmup_from": sd["warmup_from"], "data_position": sd["data_position"],
-            "tokens_since_sync": w.tokens_since_sync}
+    meta = {
+        "param_groups": sd["opt"]["param_groups"],
+        "step": sd["step"],
+        "warmup_from": sd["warmup_from"],
+        "data_position": sd["data_position"],
+        "tokens_since_sync": w.tokens_since_sync,
+    }
     return tensors, meta
 
 
-def load_worker(w: Any, tensors: dict[str, torch.Tensor], meta: dict[str, Any], prefix: str) -> None:
+def load_worker(
+    w: Any, tensors: dict[str, torch.Tensor], meta: dict[str, Any], prefix: str
+) -> None:
     state: dict[int, dict[str, torch.Tensor]] = {}
     for k, v in tensors.items():
         if k.startswith(prefix + "opt."):
-            idx, name = k[len(prefix) + 4:].split(".", 1)
+            idx, name = k[len(prefix) + 4 :].split(".", 1)
             state.setdefault(int(idx), {})[name] = v
     opt = {"state": state, "param_groups": meta["param_groups"]}
-    w.inner.load_state_dict({"opt": opt, "step": meta["step"], "warmup_from": meta["warmup_from"],
-                             "data_position": meta["data_position"]})
+    w.inner.load_state_dict(
+        {
+            "opt": opt,
+            "step": meta["step"],
+            "warmup_from": meta["warmup_from"],
+            "data_position": meta["data_position"],
+        }
+    )
     if w.feedback is not None:
-        w.feedback.load_state_dict({k[len(prefix) + 3:]: v for k, v in tensors.items()
-                                    if k.startswith(prefix + "ef.")})
+        w.feedback.load_state_dict(
+            {k[len(prefix) + 3 :]: v for k, v in tensors.items() if k.startswith(prefix + "ef.")}
+        )
     w.tokens_since_sync = int(meta["tokens_since_sync"])
 
 
@@ -158,9 +180,13 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     return unpack_state(p.read_bytes())
 
 
-def restore_workers(workers: list[Any], tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+def restore_workers(
+    workers: list[Any], tensors: dict[str, torch.Tensor], meta: dict[str, Any]
+) -> None:
     if len(meta["workers"]) != len(workers):
-        raise CheckpointError(f"checkpoint has {len(meta['workers'])} workers, run has {len(workers)}")
+        raise CheckpointError(
+            f"checkpoint has {len(meta['workers'])} workers, run has {len(workers)}"
+        )
     for i, (w, m) in enumerate(zip(workers, meta["workers"], strict=True)):
         load_worker(w, tensors, m, f"w{i}.")
     torch.set_rng_state(tensors["rng.torch"])

@@ -35,33 +35,67 @@ def main() -> None:
 @click.option("--data-mode", type=click.Choice(["iid", "non-iid"]))
 @click.option("--seed", type=int, help="Random seed.")
 @click.option("--grow", default="", help='Growth schedule, e.g. "experts:2@20,depth:2@40".')
-@click.option("--baseline", type=click.Choice(["sync"]), help="Run synchronous data-parallel instead.")
+@click.option(
+    "--baseline", type=click.Choice(["sync"]), help="Run synchronous data-parallel instead."
+)
 @click.option("--out", default="runs/simulate", show_default=True, help="Output folder.")
 @click.option("--checkpoint-every", default=0, help="Checkpoint every N outer steps (0: end only).")
 @click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint.safetensors.")
 @click.option("--json", "as_json", is_flag=True, help="Print one final JSON line.")
-def simulate(workers: int, inner_steps: int | None, outer_steps: int, preset: str | None,
-             config: str | None, compression: str | None, outer_lr: float | None,
-             inner_lr: float | None, batch_size: int | None, data: str | None,
-             data_mode: str | None, seed: int | None, grow: str, baseline: str | None, out: str,
-             checkpoint_every: int, resume: bool, as_json: bool) -> None:
+def simulate(
+    workers: int,
+    inner_steps: int | None,
+    outer_steps: int,
+    preset: str | None,
+    config: str | None,
+    compression: str | None,
+    outer_lr: float | None,
+    inner_lr: float | None,
+    batch_size: int | None,
+    data: str | None,
+    data_mode: str | None,
+    seed: int | None,
+    grow: str,
+    baseline: str | None,
+    out: str,
+    checkpoint_every: int,
+    resume: bool,
+    as_json: bool,
+) -> None:
     """Run M DiLoCo workers in one process (research, quick experiments)."""
     from diloco_grow.growth import parse_schedule
-    from diloco_grow.simulate import SimSpec, simulate as run_sim, train_sync
+    from diloco_grow.simulate import SimSpec, train_sync
+    from diloco_grow.simulate import simulate as run_sim
 
     try:
-        cfg = build_config(config, preset, {
-            "inner.steps": inner_steps, "outer.compression": compression, "outer.lr": outer_lr,
-            "inner.lr": inner_lr, "inner.batch_size": batch_size, "data.path": data,
-            "data.mode": data_mode, "run.seed": seed})
+        cfg = build_config(
+            config,
+            preset,
+            {
+                "inner.steps": inner_steps,
+                "outer.compression": compression,
+                "outer.lr": outer_lr,
+                "inner.lr": inner_lr,
+                "inner.batch_size": batch_size,
+                "data.path": data,
+                "data.mode": data_mode,
+                "run.seed": seed,
+            },
+        )
         schedule = tuple(parse_schedule(grow)) if grow else ()
         if workers < 1 or outer_steps < 1:
             raise ConfigError("--workers and --outer-steps must be >= 1")
     except (ConfigError, ValueError) as e:
         fail(str(e))
-    spec = SimSpec(workers=workers, outer_steps=outer_steps, out_dir=out, grow=schedule,
-                   checkpoint_every=checkpoint_every, resume=resume,
-                   progress=sys.stderr.isatty() and not as_json)
+    spec = SimSpec(
+        workers=workers,
+        outer_steps=outer_steps,
+        out_dir=out,
+        grow=schedule,
+        checkpoint_every=checkpoint_every,
+        resume=resume,
+        progress=sys.stderr.isatty() and not as_json,
+    )
     Path(out).mkdir(parents=True, exist_ok=True)
     (Path(out) / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     try:
@@ -69,13 +103,16 @@ def simulate(workers: int, inner_steps: int | None, outer_steps: int, preset: st
     except (ValueError, FileNotFoundError) as e:
         fail(str(e))
     summary = {k: v for k, v in summary.items() if k != "params_hash"} | {
-        "metrics": str(Path(out) / "metrics.jsonl")}
+        "metrics": str(Path(out) / "metrics.jsonl")
+    }
     if as_json:
         click.echo(json.dumps(summary, sort_keys=True))
     else:
-        click.echo(f"done: val_loss {summary['val_loss']:.4f} after {summary['outer_steps']} outer "
-                   f"steps, {summary['tokens']} tokens, {summary['bytes_sent_per_worker']} bytes "
-                   f"sent per worker; metrics in {summary['metrics']}")
+        click.echo(
+            f"done: val_loss {summary['val_loss']:.4f} after {summary['outer_steps']} outer "
+            f"steps, {summary['tokens']} tokens, {summary['bytes_sent_per_worker']} bytes "
+            f"sent per worker; metrics in {summary['metrics']}"
+        )
 
 
 @main.command()
@@ -110,11 +147,27 @@ def plot(metrics: tuple[str, ...], out: str, label: tuple[str, ...]) -> None:
 @click.option("--round-timeout-s", default=60.0, show_default=True, help="Give up a round after.")
 @click.option("--min-peers", default=1, show_default=True, help="Fewest members for growth.")
 @click.option("--seed", type=int, help="Seed of the initial θ_g (same on every peer).")
-def peer(run_name: str, join: tuple[str, ...], host: str, port: int, announce_host: str | None,
-         preset: str | None, config: str | None, data: str | None, inner_steps: int | None,
-         compression: str | None, checkpoint_dir: str | None, out_dir: str, device: str,
-         grow: str, max_rounds: int | None, matchmaking_s: float, round_timeout_s: float,
-         min_peers: int, seed: int | None) -> None:
+def peer(
+    run_name: str,
+    join: tuple[str, ...],
+    host: str,
+    port: int,
+    announce_host: str | None,
+    preset: str | None,
+    config: str | None,
+    data: str | None,
+    inner_steps: int | None,
+    compression: str | None,
+    checkpoint_dir: str | None,
+    out_dir: str,
+    device: str,
+    grow: str,
+    max_rounds: int | None,
+    matchmaking_s: float,
+    round_timeout_s: float,
+    min_peers: int,
+    seed: int | None,
+) -> None:
     """Run one peer of a swarm; prints `ready <multiaddr>` once others can join it."""
     import logging
 
@@ -123,22 +176,45 @@ def peer(run_name: str, join: tuple[str, ...], host: str, port: int, announce_ho
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        cfg = build_config(config, preset, {"inner.steps": inner_steps, "data.path": data,
-                                            "outer.compression": compression, "run.seed": seed})
+        cfg = build_config(
+            config,
+            preset,
+            {
+                "inner.steps": inner_steps,
+                "data.path": data,
+                "outer.compression": compression,
+                "run.seed": seed,
+            },
+        )
         schedule = tuple(parse_schedule(grow)) if grow else ()
         if device.startswith("cuda"):
             import torch
 
             if not torch.cuda.is_available():
-                raise ConfigError("--device cuda but torch sees no GPU; install a CUDA build "
-                                  "(make install TORCH_SPEC=...) or use --device cpu")
+                raise ConfigError(
+                    "--device cuda but torch sees no GPU; install a CUDA build "
+                    "(make install TORCH_SPEC=...) or use --device cpu"
+                )
     except (ConfigError, ValueError) as e:
         fail(str(e))
-    run_peer(cfg, PeerOptions(run=run_name, join=join, host=host, port=port,
-                              announce_host=announce_host, out_dir=out_dir,
-                              checkpoint_dir=checkpoint_dir, device=device,
-                              max_rounds=max_rounds, grow=schedule, matchmaking_s=matchmaking_s,
-                              round_timeout_s=round_timeout_s, min_peers=min_peers))
+    run_peer(
+        cfg,
+        PeerOptions(
+            run=run_name,
+            join=join,
+            host=host,
+            port=port,
+            announce_host=announce_host,
+            out_dir=out_dir,
+            checkpoint_dir=checkpoint_dir,
+            device=device,
+            max_rounds=max_rounds,
+            grow=schedule,
+            matchmaking_s=matchmaking_s,
+            round_timeout_s=round_timeout_s,
+            min_peers=min_peers,
+        ),
+    )
 
 
 @main.command()
@@ -155,18 +231,24 @@ def status(join: tuple[str, ...], run_name: str, as_json: bool, timeout: float) 
     except Exception as e:
         fail(f"could not read the swarm's DHT via {list(join)}: {e}")
     fields = ["peer_id", "step", "arch_epoch", "params_hash", "loss", "tokens_per_s", "bytes_sent"]
-    rows = [{k: p.get(k) for k in fields} for p in sorted(peers, key=lambda p: str(p.get("peer_id")))]
+    rows = [
+        {k: p.get(k) for k in fields} for p in sorted(peers, key=lambda p: str(p.get("peer_id")))
+    ]
     if as_json:
         click.echo(json.dumps({"peers": rows}, sort_keys=True))
         return
     click.echo(f"{len(rows)} live peer(s) in run {run_name!r}")
-    click.echo(f"{'peer':<14}{'step':>6}{'epoch':>6}  {'params_hash':<18}{'loss':>8}"
-               f"{'tok/s':>9}{'bytes sent':>13}")
+    click.echo(
+        f"{'peer':<14}{'step':>6}{'epoch':>6}  {'params_hash':<18}{'loss':>8}"
+        f"{'tok/s':>9}{'bytes sent':>13}"
+    )
     for r in rows:
         loss = "-" if r["loss"] is None else f"{r['loss']:.4f}"
-        click.echo(f"{str(r['peer_id'])[-12:]:<14}{r['step']:>6}{r['arch_epoch']:>6}  "
-                   f"{str(r['params_hash']):<18}{loss:>8}{r['tokens_per_s'] or 0:>9.0f}"
-                   f"{r['bytes_sent'] or 0:>13}")
+        click.echo(
+            f"{str(r['peer_id'])[-12:]:<14}{r['step']:>6}{r['arch_epoch']:>6}  "
+            f"{str(r['params_hash']):<18}{loss:>8}{r['tokens_per_s'] or 0:>9.0f}"
+            f"{r['bytes_sent'] or 0:>13}"
+        )
 
 
 @main.command()
@@ -182,8 +264,16 @@ def demo(peers: int, minutes: float, preset: str, inner_steps: int, grow: str, o
 
     if peers < 2:
         fail("--peers must be >= 2")
-    summary = run_demo(DemoSpec(peers=peers, minutes=minutes, out_dir=out, preset=preset,
-                                inner_steps=inner_steps, grow=grow))
+    summary = run_demo(
+        DemoSpec(
+            peers=peers,
+            minutes=minutes,
+            out_dir=out,
+            preset=preset,
+            inner_steps=inner_steps,
+            grow=grow,
+        )
+    )
     click.echo(json.dumps(summary, sort_keys=True))
     if summary["steps_with_disagreeing_hashes"]:
         fail(f"peers disagreed on θ_g at steps {summary['steps_with_disagreeing_hashes']}")

@@ -47,8 +47,10 @@ class InnerConfig:
         _check(self.weight_decay >= 0, "inner.weight_decay must be >= 0")
         _check(self.clip > 0, "inner.clip must be > 0")
         _check(self.warmup_steps >= 0, "inner.warmup_steps must be >= 0")
-        _check(self.schedule in ("constant", "cosine"),
-               f"inner.schedule must be 'constant' or 'cosine', got {self.schedule!r}")
+        _check(
+            self.schedule in ("constant", "cosine"),
+            f"inner.schedule must be 'constant' or 'cosine', got {self.schedule!r}",
+        )
         _check(0 <= self.min_lr_ratio <= 1, "inner.min_lr_ratio must lie in [0, 1]")
         _check(self.batch_size >= 1, f"inner.batch_size must be >= 1, got {self.batch_size}")
         _check(self.steps >= 1, f"inner.steps (H) must be >= 1, got {self.steps}")
@@ -71,10 +73,14 @@ class OuterConfig:
 
         _check(self.lr > 0, f"outer.lr must be > 0, got {self.lr}")
         _check(0 <= self.momentum < 1, f"outer.momentum must lie in [0, 1), got {self.momentum}")
-        _check(self.compression in codec_names(),
-               f"outer.compression must be one of {codec_names()}, got {self.compression!r}")
-        _check(self.block_size >= 2 and self.block_size % 2 == 0,
-               f"outer.block_size must be an even number >= 2, got {self.block_size}")
+        _check(
+            self.compression in codec_names(),
+            f"outer.compression must be one of {codec_names()}, got {self.compression!r}",
+        )
+        _check(
+            self.block_size >= 2 and self.block_size % 2 == 0,
+            f"outer.block_size must be an even number >= 2, got {self.block_size}",
+        )
 
 
 @dataclass(frozen=True)
@@ -87,8 +93,10 @@ class DataConfig:
     val_batches: int = 8
 
     def __post_init__(self) -> None:
-        _check(self.mode in ("iid", "non-iid"),
-               f"data.mode must be 'iid' or 'non-iid', got {self.mode!r}")
+        _check(
+            self.mode in ("iid", "non-iid"),
+            f"data.mode must be 'iid' or 'non-iid', got {self.mode!r}",
+        )
         _check(0 < self.val_fraction < 0.5, "data.val_fraction must lie in (0, 0.5)")
         _check(self.val_batches >= 1, "data.val_batches must be >= 1")
 
@@ -160,8 +168,11 @@ def load_config(path: str | Path) -> RunConfig:
     return config_from_dict(load_config_dict(path))
 
 
-def build_config(config: str | Path | None = None, preset: str | None = None,
-                 overrides: dict[str, Any] | None = None) -> RunConfig:
+def build_config(
+    config: str | Path | None = None,
+    preset: str | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> RunConfig:
     """TOML file, then `preset`, then "section.field" overrides (None values skipped);
     later ones win. "run.seed" sets a top-level key."""
     d = load_config_dict(config) if config else {}

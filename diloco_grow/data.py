@@ -67,7 +67,9 @@ def load_corpus(path: str | Path | None = None, val_fraction: float = 0.05) -> C
         data = f.read_bytes()
         total += len(data)
         if total > MAX_CORPUS_BYTES:
-            raise ValueError(f"corpus larger than {MAX_CORPUS_BYTES >> 20} MiB; pass a smaller --data")
+            raise ValueError(
+                f"corpus larger than {MAX_CORPUS_BYTES >> 20} MiB; pass a smaller --data"
+            )
         # Validation by hash of the file name; a single-file corpus splits by position instead.
         if len(files) > 1 and _is_val(f.name + str(len(data)), val_fraction):
             val.append(data)
@@ -82,15 +84,26 @@ def load_corpus(path: str | Path | None = None, val_fraction: float = 0.05) -> C
     to_np = lambda parts: np.frombuffer(b"".join(parts), dtype=np.uint8)  # noqa: E731
     corpus = Corpus(to_np(train), to_np(val), np.asarray(starts, dtype=np.int64))
     if corpus.train.size < 4096 or corpus.val.size < 1024:
-        raise ValueError("corpus too small: need at least 4 KiB of training and 1 KiB of validation text")
+        raise ValueError(
+            "corpus too small: need at least 4 KiB of training and 1 KiB of validation text"
+        )
     return corpus
 
 
 class BatchStream:
     """Deterministic batches for one worker: batch i depends only on (seed, worker, i)."""
 
-    def __init__(self, corpus: Corpus, *, seq_len: int, batch_size: int, seed: int,
-                 worker: int = 0, n_workers: int = 1, mode: str = "iid") -> None:
+    def __init__(
+        self,
+        corpus: Corpus,
+        *,
+        seq_len: int,
+        batch_size: int,
+        seed: int,
+        worker: int = 0,
+        n_workers: int = 1,
+        mode: str = "iid",
+    ) -> None:
         self.tokens = corpus.train
         self.seq_len, self.batch_size = seq_len, batch_size
         self.seed, self.worker = seed, worker
@@ -115,8 +128,9 @@ class BatchStream:
         return chunk[:, :-1], chunk[:, 1:]
 
 
-def val_batches(corpus: Corpus, *, seq_len: int, batch_size: int, n_batches: int,
-                seed: int = 1234) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def val_batches(
+    corpus: Corpus, *, seq_len: int, batch_size: int, n_batches: int, seed: int = 1234
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """A fixed validation set (same windows every evaluation and on every machine)."""
     rng = np.random.default_rng(seed)
     n = corpus.val.size - seq_len - 1

@@ -39,8 +39,13 @@ def _spawn(args: list[str], log_path: Path) -> subprocess.Popen:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     f = log_path.open("w")
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "diloco_grow.cli", *args], stdout=f,
-                            stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "diloco_grow.cli", *args],
+        stdout=f,
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+    )
 
 
 def _wait_ready(log_path: Path, proc: subprocess.Popen, timeout: float) -> str:
@@ -80,8 +85,19 @@ def stop_groups(procs: list[subprocess.Popen], grace: float = 30.0) -> None:
 def run_demo(spec: DemoSpec) -> dict[str, Any]:
     out = Path(spec.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    common = ["peer", "--run", spec.run, "--preset", spec.preset, "--inner-steps",
-              str(spec.inner_steps), "--matchmaking-s", "2", "--round-timeout-s", "60"]
+    common = [
+        "peer",
+        "--run",
+        spec.run,
+        "--preset",
+        spec.preset,
+        "--inner-steps",
+        str(spec.inner_steps),
+        "--matchmaking-s",
+        "2",
+        "--round-timeout-s",
+        "60",
+    ]
     if spec.grow:
         common += ["--grow", spec.grow]
     procs: list[subprocess.Popen] = []
@@ -92,8 +108,12 @@ def run_demo(spec: DemoSpec) -> dict[str, Any]:
         maddr = _wait_ready(boot_log, procs[0], 120)
         print(f"bootstrap peer ready at {maddr}", flush=True)
         for i in range(1, spec.peers - 1):
-            procs.append(_spawn([*common, "--join", maddr, "--out-dir", str(out / f"peer{i}")],
-                                out / f"peer{i}.log"))
+            procs.append(
+                _spawn(
+                    [*common, "--join", maddr, "--out-dir", str(out / f"peer{i}")],
+                    out / f"peer{i}.log",
+                )
+            )
         late_started = spec.peers < 2
         # On a terminal a live bar; in a log (make demo | tee, CI) one line per new step.
         tty = sys.stderr.isatty()
@@ -102,22 +122,35 @@ def run_demo(spec: DemoSpec) -> dict[str, Any]:
         while time.monotonic() < deadline:
             time.sleep(1.0)
             bar.update(1)
-            recs = read_jsonl(out / "peer0" / "metrics.jsonl") if (out / "peer0" /
-                                                                  "metrics.jsonl").exists() else []
+            recs = (
+                read_jsonl(out / "peer0" / "metrics.jsonl")
+                if (out / "peer0" / "metrics.jsonl").exists()
+                else []
+            )
             if recs:
                 last = recs[-1]
-                bar.set_postfix(step=last["step"], members=last["members"],
-                                loss=last["train_loss"] and round(last["train_loss"], 3))
+                bar.set_postfix(
+                    step=last["step"],
+                    members=last["members"],
+                    loss=last["train_loss"] and round(last["train_loss"], 3),
+                )
                 if not tty and last["step"] != shown_step:
                     shown_step = last["step"]
-                    print(f"step {last['step']}: members={last['members']} "
-                          f"train_loss={last['train_loss']} val_loss={last['val_loss']} "
-                          f"hash={last['params_hash']}", flush=True)
+                    print(
+                        f"step {last['step']}: members={last['members']} "
+                        f"train_loss={last['train_loss']} val_loss={last['val_loss']} "
+                        f"hash={last['params_hash']}",
+                        flush=True,
+                    )
             if not late_started and len(recs) >= spec.late_after_rounds:
                 i = spec.peers - 1
                 print(f"\nlate peer {i} joins at step {recs[-1]['step']}", flush=True)
-                procs.append(_spawn([*common, "--join", maddr, "--out-dir",
-                                     str(out / f"peer{i}")], out / f"peer{i}.log"))
+                procs.append(
+                    _spawn(
+                        [*common, "--join", maddr, "--out-dir", str(out / f"peer{i}")],
+                        out / f"peer{i}.log",
+                    )
+                )
                 late_started = True
             if any(p.poll() is not None for p in procs):
                 print("\na peer exited early; stopping the demo", flush=True)
@@ -143,13 +176,17 @@ def summarize(out: Path, n_peers: int) -> dict[str, Any]:
     disagree = sorted(s for s, h in by_step.items() if len(h) > 1)
     recs = read_jsonl(metrics[0]) if metrics else []
     vals = [r["val_loss"] for r in recs if r.get("val_loss") is not None]
-    summary = {"rounds": len(by_step), "steps_with_disagreeing_hashes": disagree,
-               "first_val_loss": vals[0] if vals else None,
-               "last_val_loss": vals[-1] if vals else None,
-               "peers_with_metrics": len(metrics),
-               "bytes_sent_per_peer": recs[-1]["bytes_sent_per_worker"] if recs else 0}
+    summary = {
+        "rounds": len(by_step),
+        "steps_with_disagreeing_hashes": disagree,
+        "first_val_loss": vals[0] if vals else None,
+        "last_val_loss": vals[-1] if vals else None,
+        "peers_with_metrics": len(metrics),
+        "bytes_sent_per_peer": recs[-1]["bytes_sent_per_worker"] if recs else 0,
+    }
     if metrics:
-        summary["plot"] = str(plot_runs(metrics, out / "loss.png",
-                                        [p.parent.name for p in metrics]))
+        summary["plot"] = str(
+            plot_runs(metrics, out / "loss.png", [p.parent.name for p in metrics])
+        )
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

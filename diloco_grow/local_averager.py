@@ -18,8 +18,9 @@ from compression.wire import pack
 from diloco_grow.outer import RoundResult, make_codec
 
 
-def weighted_mean_encoded(shards: list[Encoded], weights: list[float], codec_name: str,
-                          block_size: int) -> Encoded:
+def weighted_mean_encoded(
+    shards: list[Encoded], weights: list[float], codec_name: str, block_size: int
+) -> Encoded:
     """Decode every contribution to fp32, take the weighted mean, encode it once."""
     codec = make_codec(codec_name, block_size)
     total = float(sum(weights))
@@ -38,8 +39,14 @@ class LocalAverager:
         self.codec = make_codec(codec_name, block_size)
         self.bytes_sent_total = 0  # per worker, cumulative
 
-    def average(self, contributions: list[tuple[Encoded, float]], *, step: int,
-                params_hash: str, vote: dict | None = None) -> RoundResult:
+    def average(
+        self,
+        contributions: list[tuple[Encoded, float]],
+        *,
+        step: int,
+        params_hash: str,
+        vote: dict | None = None,
+    ) -> RoundResult:
         t0 = time.perf_counter()
         encs = [enc for enc, _ in contributions]
         weights = [float(w) for _, w in contributions]
@@ -62,5 +69,10 @@ class LocalAverager:
         mean_flat = self.codec.decode(concat(mean_shards)).reshape(-1)
         per_worker = max(sent)
         self.bytes_sent_total += per_worker
-        return RoundResult(mean=mean_flat, members=n, bytes_sent=per_worker,
-                           bytes_recv=per_worker, seconds=time.perf_counter() - t0)
+        return RoundResult(
+            mean=mean_flat,
+            members=n,
+            bytes_sent=per_worker,
+            bytes_recv=per_worker,
+            seconds=time.perf_counter() - t0,
+        )

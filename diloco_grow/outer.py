@@ -35,13 +35,15 @@ def assign_flat(model: nn.Module, flat: torch.Tensor) -> None:
         raise ValueError(f"flat vector has {flat.numel()} elements, model has {n}")
     offset = 0
     for p in model.parameters():
-        p.copy_(flat[offset:offset + p.numel()].view_as(p).to(p.device, p.dtype))
+        p.copy_(flat[offset : offset + p.numel()].view_as(p).to(p.device, p.dtype))
         offset += p.numel()
 
 
 def params_hash(theta: torch.Tensor) -> str:
     """Short content hash of θ_g; peers compare it to prove they hold the same state."""
-    return hashlib.sha256(theta.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+    return hashlib.sha256(theta.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()[
+        :16
+    ]
 
 
 def pseudo_gradient(theta_g: torch.Tensor, model: nn.Module) -> torch.Tensor:
@@ -109,5 +111,11 @@ class Averager(Protocol):
     `contributions` are this process's workers' encoded pseudo-gradients with their
     weights (tokens processed); the result is the weighted mean over the whole round."""
 
-    def average(self, contributions: list[tuple[Encoded, float]], *, step: int,
-                params_hash: str, vote: dict | None = None) -> RoundResult: ...
+    def average(
+        self,
+        contributions: list[tuple[Encoded, float]],
+        *,
+        step: int,
+        params_hash: str,
+        vote: dict | None = None,
+    ) -> RoundResult: ...

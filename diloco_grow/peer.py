@@ -1,17 +1,17 @@
 """The peer app: one island of the swarm, running the DiLoCo loop over the network.
 
-    start DHT + data plane + state server + control channel → print `ready <multiaddr>`
-    join: download θ_g from a live peer (or start from the seed if nobody has state)
-    loop: H inner steps → encode Δ → all-reduce with the round's members → Nesterov on θ_g
-          → apply a committed growth event → checkpoint, metrics, progress record
+start DHT + data plane + state server + control channel → print `ready <multiaddr>`
+join: download θ_g from a live peer (or start from the seed if nobody has state)
+loop: H inner steps → encode Δ → all-reduce with the round's members → Nesterov on θ_g
+      → apply a committed growth event → checkpoint, metrics, progress record
 """
 
 from __future__ import annotations
 
 import contextlib
 import faulthandler
-import multiprocessing
 import logging
+import multiprocessing
 import signal
 import threading
 import time
@@ -67,13 +67,23 @@ class PeerApp:
         self.lock = threading.Lock()  # guards g against the state server's thread
         self.stopping = threading.Event()
         self.corpus = load_corpus(cfg.data.path, cfg.data.val_fraction)
-        self.val = val_batches(self.corpus, seq_len=cfg.model.seq_len,
-                               batch_size=cfg.inner.batch_size, n_batches=cfg.data.val_batches)
+        self.val = val_batches(
+            self.corpus,
+            seq_len=cfg.model.seq_len,
+            batch_size=cfg.inner.batch_size,
+            n_batches=cfg.data.val_batches,
+        )
         self.state_blob: tuple[dict, bytes] | None = None
         self.last_inner_s = 0.0
         self.catch_up = False  # set when θ_g was just downloaded
-        self.stats: dict[str, Any] = {"loss": None, "val_loss": None, "tokens_per_s": 0.0,
-                                      "bytes_sent": 0, "rounds": 0, "tokens": 0}
+        self.stats: dict[str, Any] = {
+            "loss": None,
+            "val_loss": None,
+            "tokens_per_s": 0.0,
+            "bytes_sent": 0,
+            "rounds": 0,
+            "tokens": 0,
+        }
 
     # --- start-up -------------------------------------------------------------------
     def start(self) -> str:
@@ -86,18 +96,27 @@ class PeerApp:
         state_ep = self.state_server.endpoint
         if o.announce_host:
             state_ep = f"tcp://{o.announce_host}:{state_ep.rsplit(':', 1)[1]}"
-        self.swarm = Swarm(SwarmConfig(
-            run=o.run, host=o.host, port=o.port, announce_host=o.announce_host,
-            initial_peers=tuple(o.join), matchmaking_s=o.matchmaking_s,
-            round_timeout_s=o.round_timeout_s, min_peers=o.min_peers, quorum=o.quorum,
-            **o.extra_swarm), state_endpoint=state_ep,
-            state_curve_key=self.state_server.public_key)
+        self.swarm = Swarm(
+            SwarmConfig(
+                run=o.run,
+                host=o.host,
+                port=o.port,
+                announce_host=o.announce_host,
+                initial_peers=tuple(o.join),
+                matchmaking_s=o.matchmaking_s,
+                round_timeout_s=o.round_timeout_s,
+                min_peers=o.min_peers,
+                quorum=o.quorum,
+                **o.extra_swarm,
+            ),
+            state_endpoint=state_ep,
+            state_curve_key=self.state_server.public_key,
+        )
         self.swarm.start()
         self.g = self._initial_state()
         # Each peer draws its own batches: the data stream is keyed by the peer id.
         worker_id = int.from_bytes(self.swarm.peer_id.encode()[-6:], "little") % (1 << 30)
-        self.worker = Worker(self.cfg, self.g, self.corpus, worker=worker_id,
-                             device=o.device)
+        self.worker = Worker(self.cfg, self.g, self.corpus, worker=worker_id, device=o.device)
         self._restore_private()
         self.averager = NetworkAverager(self.swarm, lambda: self.g.arch_epoch)
         self._refresh_state_blob()
@@ -127,14 +146,22 @@ class PeerApp:
             if int(p.get("step", 0)) < min_step:
                 continue
             try:
-                meta, blob = download_state(p["state_endpoint"], p.get("state_curve_key"),
-                                            timeout=60.0, max_bytes=MAX_STATE_BYTES)
+                meta, blob = download_state(
+                    p["state_endpoint"],
+                    p.get("state_curve_key"),
+                    timeout=60.0,
+                    max_bytes=MAX_STATE_BYTES,
+                )
                 g = ckpt.global_from(*ckpt.unpack_state(blob))
             except (StateTransferError, ckpt.CheckpointError) as e:
                 log.warning("state download from %s failed: %s", p.get("peer_id"), e)
                 continue
-            log.info("downloaded state at step %d (arch epoch %d) from %s", g.step,
-                     g.arch_epoch, p.get("peer_id"))
+            log.info(
+                "downloaded state at step %d (arch epoch %d) from %s",
+                g.step,
+                g.arch_epoch,
+                p.get("peer_id"),
+            )
             # Our next round is this very step: join it at once with nothing to add
             # (weight 0) so we are in the group before the others finish their phase.
             self.catch_up = True
@@ -169,9 +196,12 @@ class PeerApp:
             contrib = self.worker.contribution(self.g)
             vote = votes.get(self.g.step + 1)
             try:
-                res = self.averager.average([contrib], step=self.g.step,
-                                            params_hash=self.g.hash(),
-                                            vote=vote.to_dict() if vote else None)
+                res = self.averager.average(
+                    [contrib],
+                    step=self.g.step,
+                    params_hash=self.g.hash(),
+                    vote=vote.to_dict() if vote else None,
+                )
             except NeedResync as e:
                 self.worker.round_failed()
                 log.warning("resync: %s", e)
@@ -220,22 +250,38 @@ class PeerApp:
         with self.lock:
             self._refresh_state_blob()
         h = g.hash()
-        record = {"step": g.step, "arch_epoch": g.arch_epoch, "params_hash": h,
-                  "members": res.members, "train_loss": inner.ce_loss if inner.steps else None, "val_loss": val_loss,
-                  "tokens": self.stats["tokens"], "bytes_sent": res.bytes_sent,
-                  "bytes_sent_per_worker": self.stats["bytes_sent"],
-                  "round_s": round(res.seconds, 3), "inner_s": round(self.last_inner_s, 3),
-                  "n_params": int(g.theta.numel()), "time": time.time(),
-                  "peer_id": self.swarm.peer_id}
+        record = {
+            "step": g.step,
+            "arch_epoch": g.arch_epoch,
+            "params_hash": h,
+            "members": res.members,
+            "train_loss": inner.ce_loss if inner.steps else None,
+            "val_loss": val_loss,
+            "tokens": self.stats["tokens"],
+            "bytes_sent": res.bytes_sent,
+            "bytes_sent_per_worker": self.stats["bytes_sent"],
+            "round_s": round(res.seconds, 3),
+            "inner_s": round(self.last_inner_s, 3),
+            "n_params": int(g.theta.numel()),
+            "time": time.time(),
+            "peer_id": self.swarm.peer_id,
+        }
         if event is not None:
-            record["event"] = {**event.to_dict(), "hash": event.hash(), "outer_step": g.step,
-                               "n_params_after": int(g.theta.numel())}
+            record["event"] = {
+                **event.to_dict(),
+                "hash": event.hash(),
+                "outer_step": g.step,
+                "n_params_after": int(g.theta.numel()),
+            }
         self.metrics.write(record)
         loss = f"{inner.ce_loss:.4f}" if inner.steps else "- (catch-up)"
-        print(f"round step={g.step} members={res.members} loss={loss} "
-              f"val={val_loss if val_loss is None else round(val_loss, 4)} "
-              f"bytes={res.bytes_sent} seconds={res.seconds:.2f} hash={h}"
-              + (f" grew={event.kind}x{event.factor}" if event else ""), flush=True)
+        print(
+            f"round step={g.step} members={res.members} loss={loss} "
+            f"val={val_loss if val_loss is None else round(val_loss, 4)} "
+            f"bytes={res.bytes_sent} seconds={res.seconds:.2f} hash={h}"
+            + (f" grew={event.kind}x{event.factor}" if event else ""),
+            flush=True,
+        )
         self._publish()
         if self._ckpt_file() is not None:
             ckpt.save_checkpoint(self._ckpt_file(), g, [self.worker], {})
@@ -245,9 +291,16 @@ class PeerApp:
         """Called under the lock right after θ_g changes; the server thread only reads it."""
         tensors, meta = ckpt.global_tensors_meta(self.g)
         blob = ckpt.pack_state(tensors, meta)
-        self.state_blob = ({"step": self.g.step, "arch_epoch": self.g.arch_epoch,
-                            "params_hash": self.g.hash(), "served_at": time.time(),
-                            "inner_s": self.last_inner_s}, blob)
+        self.state_blob = (
+            {
+                "step": self.g.step,
+                "arch_epoch": self.g.arch_epoch,
+                "params_hash": self.g.hash(),
+                "served_at": time.time(),
+                "inner_s": self.last_inner_s,
+            },
+            blob,
+        )
 
     def _provide_state(self) -> tuple[dict, bytes]:
         with self.lock:
@@ -257,12 +310,18 @@ class PeerApp:
             return {**meta, "age_s": time.time() - meta["served_at"]}, blob
 
     def _status(self) -> dict[str, Any]:
-        return {"peer_id": self.swarm.peer_id, "step": self.g.step,
-                "arch_epoch": self.g.arch_epoch, "params_hash": self.g.hash(),
-                "loss": self.stats["loss"], "val_loss": self.stats["val_loss"],
-                "tokens_per_s": round(self.stats["tokens_per_s"], 1),
-                "bytes_sent": self.stats["bytes_sent"], "n_params": int(self.g.theta.numel()),
-                "control": self.control.endpoint}
+        return {
+            "peer_id": self.swarm.peer_id,
+            "step": self.g.step,
+            "arch_epoch": self.g.arch_epoch,
+            "params_hash": self.g.hash(),
+            "loss": self.stats["loss"],
+            "val_loss": self.stats["val_loss"],
+            "tokens_per_s": round(self.stats["tokens_per_s"], 1),
+            "bytes_sent": self.stats["bytes_sent"],
+            "n_params": int(self.g.theta.numel()),
+            "control": self.control.endpoint,
+        }
 
     def _publish(self) -> None:
         try:
@@ -289,7 +348,7 @@ class PeerApp:
             if obj is None:
                 continue
             try:
-                obj.close() if part == "metrics" else obj.stop() if part != "swarm" else obj.shutdown()
+                {"metrics": obj.close, "swarm": obj.shutdown}.get(part, obj.stop)()
             except Exception as e:
                 log.warning("error stopping %s: %s", part, e)
         reap_children()

@@ -52,8 +52,12 @@ def simulate(cfg: RunConfig, spec: SimSpec, corpus: Corpus | None = None) -> dic
     out = Path(spec.out_dir)
     ckpt_path = out / "checkpoint.safetensors"
     H, S, M = cfg.inner.steps, spec.outer_steps, spec.workers
-    val = val_batches(corpus, seq_len=cfg.model.seq_len, batch_size=cfg.inner.batch_size,
-                      n_batches=cfg.data.val_batches)
+    val = val_batches(
+        corpus,
+        seq_len=cfg.model.seq_len,
+        batch_size=cfg.inner.batch_size,
+        n_batches=cfg.data.val_batches,
+    )
 
     # --- state: shared θ_g + one Worker per island --------------------------------------
     g = GlobalState.init(cfg)
@@ -63,8 +67,10 @@ def simulate(cfg: RunConfig, spec: SimSpec, corpus: Corpus | None = None) -> dic
         tensors, meta = ckpt.read_checkpoint(ckpt_path)
         g = ckpt.global_from(tensors, meta)
         totals = meta["extra"]["totals"]
-    workers = [Worker(cfg, g, corpus, worker=w, n_workers=M, total_inner_steps=S * H,
-                      device=spec.device) for w in range(M)]
+    workers = [
+        Worker(cfg, g, corpus, worker=w, n_workers=M, total_inner_steps=S * H, device=spec.device)
+        for w in range(M)
+    ]
     if tensors is not None:
         ckpt.restore_workers(workers, tensors, meta)
         kept = [r for r in read_jsonl(out / "metrics.jsonl") if r.get("step", 0) <= g.step]
@@ -100,28 +106,54 @@ def simulate(cfg: RunConfig, spec: SimSpec, corpus: Corpus | None = None) -> dic
             for w in workers:
                 w.follow_growth(g, index_map)
             val_after = _val_loss(g, val, spec.device)
-            metrics.write({"step": g.step, "tokens": totals["tokens"], "event": {
-                **event.to_dict(), "hash": event.hash(), "outer_step": g.step,
-                "n_params_before": n_before, "n_params_after": int(g.theta.numel()),
-                "val_loss_before": val_loss, "val_loss_after": val_after}})
+            metrics.write(
+                {
+                    "step": g.step,
+                    "tokens": totals["tokens"],
+                    "event": {
+                        **event.to_dict(),
+                        "hash": event.hash(),
+                        "outer_step": g.step,
+                        "n_params_before": n_before,
+                        "n_params_after": int(g.theta.numel()),
+                        "val_loss_before": val_loss,
+                        "val_loss_after": val_after,
+                    },
+                }
+            )
             val_loss = val_after
 
         # --- metrics and checkpoint ------------------------------------------------------
         totals["wall_s"] = time.perf_counter() - t_start
-        record = {"step": g.step, "train_loss": sum(s.ce_loss for s in stats) / M,
-                  "val_loss": val_loss, "tokens": totals["tokens"],
-                  "bytes_sent_per_worker": totals["bytes_sent_per_worker"],
-                  "wall_s": round(totals["wall_s"], 3), "n_params": int(g.theta.numel()),
-                  "arch_epoch": g.arch_epoch, "params_hash": g.hash(), "members": M}
+        record = {
+            "step": g.step,
+            "train_loss": sum(s.ce_loss for s in stats) / M,
+            "val_loss": val_loss,
+            "tokens": totals["tokens"],
+            "bytes_sent_per_worker": totals["bytes_sent_per_worker"],
+            "wall_s": round(totals["wall_s"], 3),
+            "n_params": int(g.theta.numel()),
+            "arch_epoch": g.arch_epoch,
+            "params_hash": g.hash(),
+            "members": M,
+        }
         metrics.write(record)
         bar.update(1)
         bar.set_postfix(val=f"{val_loss:.3f}")
-        if (spec.checkpoint_every and g.step % spec.checkpoint_every == 0) or g.step in (S, spec.stop_after):
+        if (spec.checkpoint_every and g.step % spec.checkpoint_every == 0) or g.step in (
+            S,
+            spec.stop_after,
+        ):
             ckpt.save_checkpoint(ckpt_path, g, workers, {"totals": totals})
     bar.close()
     metrics.close()
-    return {**record, "outer_steps": g.step, "workers": M, "compression": cfg.outer.compression,
-            "inner_steps": H}
+    return {
+        **record,
+        "outer_steps": g.step,
+        "workers": M,
+        "compression": cfg.outer.compression,
+        "inner_steps": H,
+    }
 
 
 def train_sync(cfg: RunConfig, spec: SimSpec, corpus: Corpus | None = None) -> dict[str, Any]:
@@ -132,14 +164,27 @@ def train_sync(cfg: RunConfig, spec: SimSpec, corpus: Corpus | None = None) -> d
     corpus = corpus or load_corpus(cfg.data.path, cfg.data.val_fraction)
     out = Path(spec.out_dir)
     H, S, M = cfg.inner.steps, spec.outer_steps, spec.workers
-    val = val_batches(corpus, seq_len=cfg.model.seq_len, batch_size=cfg.inner.batch_size,
-                      n_batches=cfg.data.val_batches)
+    val = val_batches(
+        corpus,
+        seq_len=cfg.model.seq_len,
+        batch_size=cfg.inner.batch_size,
+        n_batches=cfg.data.val_batches,
+    )
     torch.manual_seed(cfg.seed)
     model = MoETransformer(cfg.model).to(spec.device)
     opt = make_optimizer(model, cfg.inner)
-    streams = [BatchStream(corpus, seq_len=cfg.model.seq_len, batch_size=cfg.inner.batch_size,
-                           seed=cfg.seed, worker=w, n_workers=M, mode=cfg.data.mode)
-               for w in range(M)]
+    streams = [
+        BatchStream(
+            corpus,
+            seq_len=cfg.model.seq_len,
+            batch_size=cfg.inner.batch_size,
+            seed=cfg.seed,
+            worker=w,
+            n_workers=M,
+            mode=cfg.data.mode,
+        )
+        for w in range(M)
+    ]
     n_params = sum(p.numel() for p in model.parameters())
     # A ring all-reduce of fp32 gradients sends 2·(M−1)/M·N·4 bytes per worker per step.
     bytes_per_step = int(2 * (M - 1) / M * n_params * 4) if M > 1 else 0
@@ -161,10 +206,22 @@ def train_sync(cfg: RunConfig, spec: SimSpec, corpus: Corpus | None = None) -> d
             step += 1
             tokens += x.numel()
             ce_sum += out_.ce_loss.item()
-        record = {"step": s + 1, "train_loss": ce_sum / H, "val_loss": evaluate(model, val, spec.device),
-                  "tokens": tokens, "bytes_sent_per_worker": bytes_per_step * step,
-                  "wall_s": round(time.perf_counter() - t0, 3), "n_params": n_params, "members": M}
+        record = {
+            "step": s + 1,
+            "train_loss": ce_sum / H,
+            "val_loss": evaluate(model, val, spec.device),
+            "tokens": tokens,
+            "bytes_sent_per_worker": bytes_per_step * step,
+            "wall_s": round(time.perf_counter() - t0, 3),
+            "n_params": n_params,
+            "members": M,
+        }
         metrics.write(record)
     metrics.close()
-    return {**record, "outer_steps": S, "workers": M, "compression": "none (sync DP)",
-            "inner_steps": H}
+    return {
+        **record,
+        "outer_steps": S,
+        "workers": M,
+        "compression": "none (sync DP)",
+        "inner_steps": H,
+    }

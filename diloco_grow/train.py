@@ -40,16 +40,24 @@ def make_optimizer(model: nn.Module, cfg: InnerConfig) -> torch.optim.AdamW:
     # No decay on norms (1-D gains): decaying them towards 0 only fights the model.
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
 
 
 class InnerTrainer:
     """One worker's model, optimizer and data stream."""
 
-    def __init__(self, model: nn.Module, cfg: InnerConfig, stream: BatchStream,
-                 total_steps: int | None = None, device: str = "cpu") -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        cfg: InnerConfig,
+        stream: BatchStream,
+        total_steps: int | None = None,
+        device: str = "cpu",
+    ) -> None:
         self.model, self.cfg, self.stream = model, cfg, stream
         self.total_steps, self.device = total_steps, device
         self.opt = make_optimizer(model, cfg)
@@ -83,8 +91,12 @@ class InnerTrainer:
         return InnerStats(loss_sum / n_steps, ce_sum / n_steps, tokens, n_steps)
 
     def state_dict(self) -> dict:
-        return {"opt": self.opt.state_dict(), "step": self.step,
-                "warmup_from": self.warmup_from, "data_position": self.stream.position}
+        return {
+            "opt": self.opt.state_dict(),
+            "step": self.step,
+            "warmup_from": self.warmup_from,
+            "data_position": self.stream.position,
+        }
 
     def load_state_dict(self, d: dict) -> None:
         self.opt.load_state_dict(d["opt"])
@@ -93,8 +105,9 @@ class InnerTrainer:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]],
-             device: str = "cpu") -> float:
+def evaluate(
+    model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], device: str = "cpu"
+) -> float:
     """Mean cross-entropy on fixed validation batches."""
     model.eval()
     total = 0.0

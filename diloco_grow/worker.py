@@ -16,9 +16,9 @@ from diloco_grow.growth import GrowthEvent, flat_index_map, grow_model
 from diloco_grow.model import ModelConfig, MoETransformer
 from diloco_grow.outer import (
     OuterOptimizer,
-    make_codec,
     assign_flat,
     flatten_params,
+    make_codec,
     params_hash,
     pseudo_gradient,
 )
@@ -41,8 +41,7 @@ class GlobalState:
         torch.manual_seed(cfg.seed)  # every peer starts from the same θ_g
         model = MoETransformer(cfg.model)
         o = cfg.outer
-        return cls(cfg.model, flatten_params(model),
-                   OuterOptimizer(o.lr, o.momentum, o.nesterov))
+        return cls(cfg.model, flatten_params(model), OuterOptimizer(o.lr, o.momentum, o.nesterov))
 
     def hash(self) -> str:
         return params_hash(self.theta)
@@ -69,13 +68,28 @@ class GlobalState:
 class Worker:
     """One island: a local model trained by AdamW, plus its error-feedback residual."""
 
-    def __init__(self, cfg: RunConfig, g: GlobalState, corpus: Corpus, *, worker: int = 0,
-                 n_workers: int = 1, total_inner_steps: int | None = None,
-                 device: str = "cpu") -> None:
+    def __init__(
+        self,
+        cfg: RunConfig,
+        g: GlobalState,
+        corpus: Corpus,
+        *,
+        worker: int = 0,
+        n_workers: int = 1,
+        total_inner_steps: int | None = None,
+        device: str = "cpu",
+    ) -> None:
         self.cfg, self.device = cfg, device
         self.model = self._model_at(g)
-        stream = BatchStream(corpus, seq_len=cfg.model.seq_len, batch_size=cfg.inner.batch_size,
-                             seed=cfg.seed, worker=worker, n_workers=n_workers, mode=cfg.data.mode)
+        stream = BatchStream(
+            corpus,
+            seq_len=cfg.model.seq_len,
+            batch_size=cfg.inner.batch_size,
+            seed=cfg.seed,
+            worker=worker,
+            n_workers=n_workers,
+            mode=cfg.data.mode,
+        )
         self.inner = InnerTrainer(self.model, cfg.inner, stream, total_inner_steps, device)
         codec = make_codec(cfg.outer.compression, cfg.outer.block_size)
         self.feedback = ErrorFeedback(codec) if cfg.outer.error_feedback else None

@@ -27,8 +27,13 @@ RUN = f"it{os.getpid()}"
 
 def spawn(args: list[str], log: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([*CLI, *args], stdout=log.open("w"), stderr=subprocess.STDOUT,
-                            env=env, start_new_session=True)
+    return subprocess.Popen(
+        [*CLI, *args],
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+    )
 
 
 def wait_for(pred, timeout: float, what: str, procs=()):
@@ -70,29 +75,61 @@ def procs():
 
 @pytest.mark.timeout(400)
 def test_three_peers_late_joiner_growth_status_and_clean_exit(tmp_path, procs):
-    common = ["peer", "--run", RUN, "--preset", "tiny", "--inner-steps", "10",
-              "--matchmaking-s", "1.5", "--round-timeout-s", "40", "--grow", "experts:2@5"]
+    common = [
+        "peer",
+        "--run",
+        RUN,
+        "--preset",
+        "tiny",
+        "--inner-steps",
+        "10",
+        "--matchmaking-s",
+        "1.5",
+        "--round-timeout-s",
+        "40",
+        "--grow",
+        "experts:2@5",
+    ]
     outs = [tmp_path / f"peer{i}" for i in range(3)]
     logs = [tmp_path / f"peer{i}.log" for i in range(3)]
-    procs.append(spawn([*common, "--out-dir", str(outs[0]),
-                        "--checkpoint-dir", str(tmp_path / "ckpt0")], logs[0]))
+    procs.append(
+        spawn(
+            [*common, "--out-dir", str(outs[0]), "--checkpoint-dir", str(tmp_path / "ckpt0")],
+            logs[0],
+        )
+    )
     maddr = wait_for(lambda: ready_line(logs[0]), 120, "bootstrap ready line", procs)
     assert maddr.startswith("/ip4/127.0.0.1/tcp/")
     procs.append(spawn([*common, "--join", maddr, "--out-dir", str(outs[1])], logs[1]))
     wait_for(lambda: len(rounds(outs[0])) >= 2, 180, "two rounds on the bootstrap", procs)
     # The late joiner: must download θ_g (and the architecture) instead of starting fresh.
     procs.append(spawn([*common, "--join", maddr, "--out-dir", str(outs[2])], logs[2]))
-    wait_for(lambda: sum(r["members"] == 3 for r in rounds(outs[2])) >= 3, 240,
-             "three 3-member rounds on the late joiner", procs)
+    wait_for(
+        lambda: sum(r["members"] == 3 for r in rounds(outs[2])) >= 3,
+        240,
+        "three 3-member rounds on the late joiner",
+        procs,
+    )
 
-    status = subprocess.run([*CLI, "status", "--join", maddr, "--run", RUN, "--json"],
-                            capture_output=True, text=True, timeout=120)
+    status = subprocess.run(
+        [*CLI, "status", "--join", maddr, "--run", RUN, "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert status.returncode == 0, status.stderr
     peers = json.loads(status.stdout.strip().splitlines()[-1])["peers"]
     assert len(peers) == 3
     for p in peers:
-        assert {"peer_id", "step", "arch_epoch", "params_hash", "loss", "tokens_per_s",
-                "bytes_sent"} <= set(p)
+        assert {
+            "peer_id",
+            "step",
+            "arch_epoch",
+            "params_hash",
+            "loss",
+            "tokens_per_s",
+            "bytes_sent",
+        } <= set(p)
         assert p["step"] >= 3 and len(p["params_hash"]) == 16
 
     for p in procs:
@@ -101,7 +138,9 @@ def test_three_peers_late_joiner_growth_status_and_clean_exit(tmp_path, procs):
         try:
             code = p.wait(timeout=90)
         except subprocess.TimeoutExpired:
-            raise AssertionError(f"no clean exit after SIGTERM: {log.read_text()[-3000:]}") from None
+            raise AssertionError(
+                f"no clean exit after SIGTERM: {log.read_text()[-3000:]}"
+            ) from None
         assert code == 0, log.read_text()[-2000:]
         assert "stopped" in log.read_text()
         # SIGTERM reached the app, which shut down its DHT: no p2pd left in the group.

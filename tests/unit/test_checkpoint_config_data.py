@@ -20,21 +20,35 @@ def corpus():
 
 
 def small_cfg(**outer):
-    return config_from_dict({"preset": "tiny", "seed": 3,
-                             "inner": {"steps": 3, "batch_size": 4, "schedule": "cosine"},
-                             "outer": {"compression": "int8", **outer}})
+    return config_from_dict(
+        {
+            "preset": "tiny",
+            "seed": 3,
+            "inner": {"steps": 3, "batch_size": 4, "schedule": "cosine"},
+            "outer": {"compression": "int8", **outer},
+        }
+    )
 
 
 def test_resume_is_bit_exact(tmp_path, corpus):
     cfg = small_cfg()
-    full = simulate(cfg, SimSpec(workers=2, outer_steps=4, out_dir=str(tmp_path / "full"),
-                                 progress=False), corpus)
+    full = simulate(
+        cfg,
+        SimSpec(workers=2, outer_steps=4, out_dir=str(tmp_path / "full"), progress=False),
+        corpus,
+    )
     part = tmp_path / "part"
     # Interrupted after outer step 2 (checkpoint written), then resumed in a new call.
-    simulate(cfg, SimSpec(workers=2, outer_steps=4, out_dir=str(part), stop_after=2,
-                          progress=False), corpus)
-    resumed = simulate(cfg, SimSpec(workers=2, outer_steps=4, out_dir=str(part), resume=True,
-                                    progress=False), corpus)
+    simulate(
+        cfg,
+        SimSpec(workers=2, outer_steps=4, out_dir=str(part), stop_after=2, progress=False),
+        corpus,
+    )
+    resumed = simulate(
+        cfg,
+        SimSpec(workers=2, outer_steps=4, out_dir=str(part), resume=True, progress=False),
+        corpus,
+    )
     assert resumed["params_hash"] == full["params_hash"]
     assert resumed["val_loss"] == full["val_loss"]
     steps = [r["step"] for r in read_jsonl(part / "metrics.jsonl")]
@@ -67,18 +81,21 @@ def test_atomic_write_leaves_no_temp_files(tmp_path):
     assert os.listdir(tmp_path) == ["c.bin"]
 
 
-@pytest.mark.parametrize("d, msg", [
-    ({"inner": {"lr": -1}}, "inner.lr"),
-    ({"inner": {"steps": 0}}, "inner.steps"),
-    ({"outer": {"compression": "zip"}}, "outer.compression"),
-    ({"outer": {"momentum": 1.5}}, "outer.momentum"),
-    ({"inner": {"bogus": 1}}, "unknown key"),
-    ({"preset": "huge"}, "unknown preset"),
-    ({"model": {"n_heads": 3}}, "model"),
-    ({"seed": -1}, "seed"),
-    ({"data": {"mode": "weird"}}, "data.mode"),
-    ({"colour": "blue"}, "unknown top-level"),
-])
+@pytest.mark.parametrize(
+    "d, msg",
+    [
+        ({"inner": {"lr": -1}}, "inner.lr"),
+        ({"inner": {"steps": 0}}, "inner.steps"),
+        ({"outer": {"compression": "zip"}}, "outer.compression"),
+        ({"outer": {"momentum": 1.5}}, "outer.momentum"),
+        ({"inner": {"bogus": 1}}, "unknown key"),
+        ({"preset": "huge"}, "unknown preset"),
+        ({"model": {"n_heads": 3}}, "model"),
+        ({"seed": -1}, "seed"),
+        ({"data": {"mode": "weird"}}, "data.mode"),
+        ({"colour": "blue"}, "unknown top-level"),
+    ],
+)
 def test_bad_config_values_give_clear_errors(d, msg):
     with pytest.raises(ConfigError, match=msg):
         config_from_dict(d)
@@ -105,8 +122,12 @@ def test_corpus_split_and_streams(corpus, tmp_path):
     assert not torch.equal(xa, b.next()[0])
     a.position = 0
     assert torch.equal(a.next()[0], xa)  # the position is the whole stream state
-    n0 = BatchStream(corpus, seq_len=32, batch_size=2, seed=0, worker=0, n_workers=2, mode="non-iid")
-    n1 = BatchStream(corpus, seq_len=32, batch_size=2, seed=0, worker=1, n_workers=2, mode="non-iid")
+    n0 = BatchStream(
+        corpus, seq_len=32, batch_size=2, seed=0, worker=0, n_workers=2, mode="non-iid"
+    )
+    n1 = BatchStream(
+        corpus, seq_len=32, batch_size=2, seed=0, worker=1, n_workers=2, mode="non-iid"
+    )
     assert n0.hi <= n1.lo
     v1 = val_batches(corpus, seq_len=32, batch_size=2, n_batches=2)
     v2 = val_batches(corpus, seq_len=32, batch_size=2, n_batches=2)

@@ -21,8 +21,11 @@ def corpus():
 
 
 def cfg_for(**sections):
-    base = {"preset": "tiny", "inner": {"steps": 3, "batch_size": 4, "warmup_steps": 2},
-            "outer": {"compression": "none", "lr": 1.0, "momentum": 0.0, "error_feedback": False}}
+    base = {
+        "preset": "tiny",
+        "inner": {"steps": 3, "batch_size": 4, "warmup_steps": 2},
+        "outer": {"compression": "none", "lr": 1.0, "momentum": 0.0, "error_feedback": False},
+    }
     for k, v in sections.items():
         base[k] = {**base.get(k, {}), **v} if isinstance(v, dict) else v
     return config_from_dict(base)
@@ -64,8 +67,9 @@ def test_one_worker_fedavg_equals_plain_training(corpus):
         assign_flat(plain, g.theta)  # re-align, then compare the next round's losses
         loss_plain = ref.run(3).loss
         loss_diloco = w.inner_phase(3).loss
-        res = LocalAverager("none", 256).average([w.contribution(g)], step=g.step,
-                                                  params_hash=g.hash())
+        res = LocalAverager("none", 256).average(
+            [w.contribution(g)], step=g.step, params_hash=g.hash()
+        )
         g.outer_step(res.mean)
         w.sync_to(g)
         assert abs(loss_plain - loss_diloco) < 1e-6
@@ -123,7 +127,8 @@ def test_int8_path_within_codec_error_of_fp32(corpus):
             w.inner_phase(cfg.inner.steps)
         contribs = [w.contribution(g) for w in workers]
         res = LocalAverager(cfg.outer.compression, cfg.outer.block_size).average(
-            contribs, step=0, params_hash=g.hash())
+            contribs, step=0, params_hash=g.hash()
+        )
         results.append(res.mean)
     fp32, q = results
     # Error of one blockwise int8 encode of each contribution plus one of the mean.
@@ -133,12 +138,15 @@ def test_int8_path_within_codec_error_of_fp32(corpus):
 
 
 def test_loss_falls_on_tiny(tmp_path, corpus):
-    cfg = cfg_for(inner={"steps": 10, "batch_size": 8, "lr": 2e-3},
-                  outer={"lr": 0.7, "momentum": 0.9, "compression": "int8",
-                         "error_feedback": True})
-    summary = simulate(cfg, SimSpec(workers=2, outer_steps=6, out_dir=str(tmp_path),
-                                    progress=False), corpus)
+    cfg = cfg_for(
+        inner={"steps": 10, "batch_size": 8, "lr": 2e-3},
+        outer={"lr": 0.7, "momentum": 0.9, "compression": "int8", "error_feedback": True},
+    )
+    summary = simulate(
+        cfg, SimSpec(workers=2, outer_steps=6, out_dir=str(tmp_path), progress=False), corpus
+    )
     from diloco_grow.metrics import read_jsonl
+
     recs = read_jsonl(tmp_path / "metrics.jsonl")
     assert len(recs) == 6
     assert recs[-1]["val_loss"] < recs[0]["val_loss"] - 0.3

@@ -23,14 +23,20 @@ def corpus():
 
 
 def cfg():
-    return config_from_dict({"preset": "tiny", "inner": {"steps": 3, "batch_size": 4},
-                             "outer": {"compression": "int8"}})
+    return config_from_dict(
+        {"preset": "tiny", "inner": {"steps": 3, "batch_size": 4}, "outer": {"compression": "int8"}}
+    )
 
 
 def test_simulate_grow_records_events_and_resumes_after_growth(tmp_path, corpus):
     schedule = tuple(parse_schedule("experts:2@2,depth:2@3:zero_output"))
-    full = simulate(cfg(), SimSpec(workers=2, outer_steps=5, out_dir=str(tmp_path / "a"),
-                                   grow=schedule, progress=False), corpus)
+    full = simulate(
+        cfg(),
+        SimSpec(
+            workers=2, outer_steps=5, out_dir=str(tmp_path / "a"), grow=schedule, progress=False
+        ),
+        corpus,
+    )
     recs = read_jsonl(tmp_path / "a" / "metrics.jsonl")
     events = [r["event"] for r in recs if "event" in r]
     assert [(e["kind"], e["outer_step"]) for e in events] == [("experts", 2), ("depth", 3)]
@@ -46,8 +52,9 @@ def test_simulate_grow_records_events_and_resumes_after_growth(tmp_path, corpus)
     assert steps[-1]["arch_epoch"] == 2
 
     # Interrupted after growth (step 4), resumed: identical to the uninterrupted run.
-    spec = SimSpec(workers=2, outer_steps=5, out_dir=str(tmp_path / "b"), grow=schedule,
-                   progress=False)
+    spec = SimSpec(
+        workers=2, outer_steps=5, out_dir=str(tmp_path / "b"), grow=schedule, progress=False
+    )
     simulate(cfg(), SimSpec(**{**spec.__dict__, "stop_after": 4}), corpus)
     resumed = simulate(cfg(), SimSpec(**{**spec.__dict__, "resume": True}), corpus)
     assert resumed["params_hash"] == full["params_hash"]
@@ -78,16 +85,48 @@ def test_outer_momentum_and_residual_follow_the_index_map(corpus):
 
 def test_cli_simulate_json_and_grow(tmp_path):
     out = subprocess.run(
-        [sys.executable, "-m", "diloco_grow.cli", "simulate", "--workers", "2", "--inner-steps",
-         "2", "--outer-steps", "3", "--preset", "tiny", "--compression", "int4", "--out",
-         str(tmp_path), "--grow", "experts:2@2", "--json"],
-        capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "diloco_grow.cli",
+            "simulate",
+            "--workers",
+            "2",
+            "--inner-steps",
+            "2",
+            "--outer-steps",
+            "3",
+            "--preset",
+            "tiny",
+            "--compression",
+            "int4",
+            "--out",
+            str(tmp_path),
+            "--grow",
+            "experts:2@2",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr
     summary = json.loads(out.stdout.strip().splitlines()[-1])
-    for key in ("val_loss", "train_loss", "tokens", "bytes_sent_per_worker", "n_params",
-                "outer_steps", "wall_s"):
+    for key in (
+        "val_loss",
+        "train_loss",
+        "tokens",
+        "bytes_sent_per_worker",
+        "n_params",
+        "outer_steps",
+        "wall_s",
+    ):
         assert key in summary
     assert summary["outer_steps"] == 3 and summary["tokens"] == 2 * 3 * 2 * 16 * 64
-    bad = subprocess.run([sys.executable, "-m", "diloco_grow.cli", "simulate", "--grow",
-                          "experts:1@2"], capture_output=True, text=True, timeout=120)
+    bad = subprocess.run(
+        [sys.executable, "-m", "diloco_grow.cli", "simulate", "--grow", "experts:1@2"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode == 2 and "error:" in bad.stderr and "Traceback" not in bad.stderr
