@@ -36,6 +36,7 @@ IMPLS = ("ours", "hm_none", "hm_8bit")
 
 # ---- worker processes -------------------------------------------------------------------
 
+
 def _emit(**kw: object) -> None:
     print(json.dumps(kw), flush=True)
 
@@ -66,9 +67,14 @@ def run_ours(a: argparse.Namespace) -> None:
     from compression.codec import get_codec
     from peers.swarm import Swarm, SwarmConfig
 
-    cfg = SwarmConfig(run=f"bench-{a.peers}-{a.numel}", initial_peers=tuple(a.join),
-                      matchmaking_s=a.matchmaking_s, phase_timeout_s=120, round_timeout_s=600,
-                      min_peers=a.peers)
+    cfg = SwarmConfig(
+        run=f"bench-{a.peers}-{a.numel}",
+        initial_peers=tuple(a.join),
+        matchmaking_s=a.matchmaking_s,
+        phase_timeout_s=120,
+        round_timeout_s=600,
+        min_peers=a.peers,
+    )
     with Swarm(cfg) as swarm:
         _emit(event="ready", maddr=swarm.visible_maddrs[0])
         sys.stdin.readline()  # "go": every peer starts its rounds together
@@ -76,12 +82,20 @@ def run_ours(a: argparse.Namespace) -> None:
         exact = _exact_mean(a.peers, a.numel)
         for r in range(a.rounds):
             t0 = time.perf_counter()
-            res = swarm.all_reduce(codec.encode(x), 1.0, arch_epoch=0, step=r,
-                                   params_hash=params_hash)
+            res = swarm.all_reduce(
+                codec.encode(x), 1.0, arch_epoch=0, step=r, params_hash=params_hash
+            )
             params_hash = _digest(res.mean)
-            _emit(event="round", round=r, seconds=time.perf_counter() - t0,
-                  data_seconds=res.data_seconds, bytes_sent=res.bytes_sent, hash=params_hash,
-                  ok=len(res.members) == a.peers, max_err=_max_err(res.mean, exact))
+            _emit(
+                event="round",
+                round=r,
+                seconds=time.perf_counter() - t0,
+                data_seconds=res.data_seconds,
+                bytes_sent=res.bytes_sent,
+                hash=params_hash,
+                ok=len(res.members) == a.peers,
+                max_err=_max_err(res.mean, exact),
+            )
         time.sleep(1.0)  # let the last COMMIT reach everyone before sockets close
 
 
@@ -112,13 +126,21 @@ def run_hivemind(a: argparse.Namespace) -> None:
                 sent.value += len(out.buffer)
             return out
 
-    dht = hivemind.DHT(initial_peers=a.join or None, host_maddrs=["/ip4/127.0.0.1/tcp/0"],
-                       start=True)
+    dht = hivemind.DHT(
+        initial_peers=a.join or None, host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True
+    )
     x, exact = _input(a.index, a.numel), _exact_mean(a.peers, a.numel)
     avg = hivemind.averaging.DecentralizedAverager(
-        [x.clone()], dht, prefix=f"bench-{a.peers}-{a.numel}", target_group_size=a.peers,
-        min_group_size=a.peers, min_matchmaking_time=a.matchmaking_s, request_timeout=10.0,
-        compression=Counted(), start=True)
+        [x.clone()],
+        dht,
+        prefix=f"bench-{a.peers}-{a.numel}",
+        target_group_size=a.peers,
+        min_group_size=a.peers,
+        min_matchmaking_time=a.matchmaking_s,
+        request_timeout=10.0,
+        compression=Counted(),
+        start=True,
+    )
     _emit(event="ready", maddr=str(dht.get_visible_maddrs()[0]))
     sys.stdin.readline()
     for r in range(a.rounds):
@@ -129,9 +151,16 @@ def run_hivemind(a: argparse.Namespace) -> None:
         seconds = time.perf_counter() - t0
         with avg.get_tensors() as ts:
             h, err = _digest(ts[0]), _max_err(ts[0], exact)
-        _emit(event="round", round=r, seconds=seconds, data_seconds=None,
-              bytes_sent=sent.value - s0, hash=h, ok=group is not None and len(group) == a.peers,
-              max_err=err)
+        _emit(
+            event="round",
+            round=r,
+            seconds=seconds,
+            data_seconds=None,
+            bytes_sent=sent.value - s0,
+            hash=h,
+            ok=group is not None and len(group) == a.peers,
+            max_err=err,
+        )
     time.sleep(1.0)
     avg.shutdown()
     dht.shutdown()
@@ -150,7 +179,8 @@ def _fix_hivemind_quantization_for_numpy2() -> None:
         codebook = np.frombuffer(buf, offset=8, count=codebook_size, dtype=self.codebook_dtype)
         quantized = np.frombuffer(buf, offset=8 + codebook.nbytes, dtype=self.indices_dtype)
         quantized = torch.as_tensor(quantized, dtype=torch.int64).reshape(
-            tuple(serialized_tensor.size))
+            tuple(serialized_tensor.size)
+        )
         codebook = torch.as_tensor(codebook).to(dtype=getattr(torch, serialized_tensor.dtype))
         return codebook[quantized].requires_grad_(serialized_tensor.requires_grad)
 
@@ -159,11 +189,17 @@ def _fix_hivemind_quantization_for_numpy2() -> None:
 
 # ---- orchestration ----------------------------------------------------------------------
 
+
 class Proc:
     def __init__(self, args: list[str]) -> None:
-        self.p = subprocess.Popen([sys.executable, os.path.abspath(__file__), *args],
-                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                  stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+        self.p = subprocess.Popen(
+            [sys.executable, os.path.abspath(__file__), *args],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            start_new_session=True,
+        )
         self.events: list[dict] = []
         self.cv = threading.Condition()
         threading.Thread(target=self._read, daemon=True).start()
@@ -197,10 +233,19 @@ class Proc:
         self.p.wait()
 
 
-def run_case(impl: str, peers: int, numel: int, rounds: int, mm: float,
-             timeout: float) -> dict:
-    common = ["--worker", impl, "--peers", str(peers), "--numel", str(numel),
-              "--rounds", str(rounds), "--matchmaking-s", str(mm)]
+def run_case(impl: str, peers: int, numel: int, rounds: int, mm: float, timeout: float) -> dict:
+    common = [
+        "--worker",
+        impl,
+        "--peers",
+        str(peers),
+        "--numel",
+        str(numel),
+        "--rounds",
+        str(rounds),
+        "--matchmaking-s",
+        str(mm),
+    ]
     procs: list[Proc] = []
     try:
         procs.append(Proc([*common, "--index", "0"]))
@@ -255,13 +300,16 @@ def main() -> None:
         a.peers, a.numel, a.rounds = [2], [1 << 20], 2
     for peers in a.peers:
         for numel in a.numel:
-            line: dict = {"bench": "allreduce", "peers": peers, "numel": numel,
-                          "rounds_measured": a.rounds - (1 if a.rounds > 2 else 0),
-                          "matchmaking_s": a.matchmaking_s}
+            line: dict = {
+                "bench": "allreduce",
+                "peers": peers,
+                "numel": numel,
+                "rounds_measured": a.rounds - (1 if a.rounds > 2 else 0),
+                "matchmaking_s": a.matchmaking_s,
+            }
             for impl in a.impls:
                 try:
-                    line[impl] = run_case(impl, peers, numel, a.rounds, a.matchmaking_s,
-                                          a.timeout)
+                    line[impl] = run_case(impl, peers, numel, a.rounds, a.matchmaking_s, a.timeout)
                 except RuntimeError as e:
                     line[impl] = {"error": str(e)}
             ours, hm8 = line.get("ours", {}), line.get("hm_8bit", {})
@@ -269,7 +317,8 @@ def main() -> None:
                 speedup = hm8["median_round_s"] / ours["median_round_s"]
                 line["speedup_vs_hm_8bit"] = round(speedup, 2)
                 line["bytes_ratio_vs_hm_8bit"] = round(
-                    ours["bytes_sent_per_peer"] / hm8["bytes_sent_per_peer"], 3)
+                    ours["bytes_sent_per_peer"] / hm8["bytes_sent_per_peer"], 3
+                )
             print(json.dumps(line), flush=True)
 
 

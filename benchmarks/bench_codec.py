@@ -160,18 +160,18 @@ def summarize(rows: list[dict]) -> dict[str, Any]:
     bnb = [g[c] for c in BNB_ROWS if c in g]
     hm = [g[c] for c in HIVEMIND_ROWS if c in g]
 
-    def speed(rs: list[dict]) -> float:
-        return round(me["roundtrip_mb_s"] / max(r["roundtrip_mb_s"] for r in rs), 3)
+    def speed(rs: list[dict]) -> float | None:
+        return round(me["roundtrip_mb_s"] / max(r["roundtrip_mb_s"] for r in rs), 3) if rs else None
 
-    def rmse(rs: list[dict]) -> float:
-        return round(me["rmse"] / min(r["rmse"] for r in rs), 3)
+    def rmse(rs: list[dict]) -> float | None:
+        return round(me["rmse"] / min(r["rmse"] for r in rs), 3) if rs else None
 
     s = {"speed_vs_bnb": speed(bnb), "speed_vs_hivemind": speed(hm),
          "rmse_vs_bnb": rmse(bnb), "rmse_vs_hivemind": rmse(hm),
          "int8_bits_per_element": me["bits_per_element"]}
-    s["targets_met"] = (s["speed_vs_bnb"] >= 1 and s["speed_vs_hivemind"] >= 2
-                        and s["rmse_vs_bnb"] < 1 and s["rmse_vs_hivemind"] < 1
-                        and me["bits_per_element"] <= 8.25)
+    s["targets_met"] = None if None in s.values() else (
+        s["speed_vs_bnb"] >= 1 and s["speed_vs_hivemind"] >= 2 and s["rmse_vs_bnb"] < 1
+        and s["rmse_vs_hivemind"] < 1 and me["bits_per_element"] <= 8.25)
     return s
 
 

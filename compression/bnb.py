@@ -16,8 +16,8 @@ from typing import ClassVar
 
 import torch
 
+from compression.blockwise import check_encoded, dtype_name, flat_tensor
 from compression.codec import TINY, Encoded
-from compression.int8 import check_encoded, dtype_name, flat_fp32
 
 BNB_BLOCK_SIZES = (64, 128, 256, 512, 1024, 2048, 4096)  # what quantize_blockwise accepts
 
@@ -49,7 +49,7 @@ class Bnb8Codec:
                              f"got {self.block_size!r}")
 
     def encode(self, x: torch.Tensor) -> Encoded:
-        flat = flat_fp32(x)
+        flat = flat_tensor(x)
         if flat.numel() == 0:
             empty = torch.empty(0, dtype=torch.uint8)
             return Encoded(self.name, tuple(x.shape), dtype_name(x), self.block_size,

@@ -9,6 +9,7 @@ is exact, so a slice is byte-identical to encoding the sub-range directly.
 from __future__ import annotations
 
 import importlib
+import math
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -115,7 +116,7 @@ class Encoded:
     @property
     def align(self) -> int:
         """Slice boundaries must be multiples of this (a block, and a whole byte for int4)."""
-        return self.block_size * (2 if LAYOUTS[self.codec].bits == 4 else 1)
+        return math.lcm(self.block_size, 2) if LAYOUTS[self.codec].bits == 4 else self.block_size
 
     def slice(self, start: int, end: int) -> Encoded:
         """Flat elements [start, end) as a 1-D encoding, identical to encoding x[start:end]."""

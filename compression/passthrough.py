@@ -13,8 +13,8 @@ from typing import ClassVar
 
 import torch
 
+from compression.blockwise import check_encoded, dtype_name, flat_tensor
 from compression.codec import Encoded
-from compression.int8 import check_encoded, dtype_name, flat_fp32
 
 FP16_MAX = torch.finfo(torch.float16).max
 
@@ -40,7 +40,7 @@ class NoneCodec:
         _check_block(self.name, self.block_size)
 
     def encode(self, x: torch.Tensor) -> Encoded:
-        flat = flat_fp32(x)
+        flat = flat_tensor(x)
         _check_finite(flat)
         payload = flat.cpu().clone().view(torch.uint8)  # clone: never alias the caller's tensor
         return Encoded(self.name, tuple(x.shape), dtype_name(x), 1, payload,
@@ -62,7 +62,7 @@ class Fp16Codec:
         _check_block(self.name, self.block_size)
 
     def encode(self, x: torch.Tensor) -> Encoded:
-        flat = flat_fp32(x)
+        flat = flat_tensor(x)
         _check_finite(flat)
         half = flat.clamp(-FP16_MAX, FP16_MAX).to(torch.float16).cpu()
         return Encoded(self.name, tuple(x.shape), dtype_name(x), 1, half.view(torch.uint8),

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import socket
 import threading
 from collections.abc import Callable
 from typing import TypeVar
@@ -36,8 +37,15 @@ def peer_id_of(owner: bytes) -> str:
 
 
 class SwarmDHT:
-    def __init__(self, run: str, host: str, port: int, announce_host: str | None,
-                 initial_peers: tuple[str, ...], timeout_s: float = 10.0) -> None:
+    def __init__(
+        self,
+        run: str,
+        host: str,
+        port: int,
+        announce_host: str | None,
+        initial_peers: tuple[str, ...],
+        timeout_s: float = 10.0,
+    ) -> None:
         self.run = run
         self._host, self._port, self._announce = host, port, announce_host
         self._initial = list(initial_peers)
@@ -56,12 +64,23 @@ class SwarmDHT:
         self.dht: DHT | None = None
 
     def start(self) -> None:
-        kw: dict = {"host_maddrs": [f"/ip4/{self._host}/tcp/{self._port}"]}
+        port = self._port
+        if self._announce and not port:
+            # An announced address needs a concrete port; take a free one now (a tiny race
+            # with other binders is the price of "port 0" behind NAT).
+            with socket.socket() as s:
+                s.bind((self._host, 0))
+                port = s.getsockname()[1]
+        kw: dict = {"host_maddrs": [f"/ip4/{self._host}/tcp/{port}"]}
         if self._announce:
-            kw["announce_maddrs"] = [f"/ip4/{self._announce}/tcp/{self._port}"]
+            kw["announce_maddrs"] = [f"/ip4/{self._announce}/tcp/{port}"]
         # The DHT forks its own process: start it before zmq threads/sockets exist.
-        self.dht = DHT(initial_peers=self._initial or None, start=True,
-                       record_validators=[self._validator], **kw)
+        self.dht = DHT(
+            initial_peers=self._initial or None,
+            start=True,
+            record_validators=[self._validator],
+            **kw,
+        )
 
     def visible_maddrs(self) -> list[str]:
         assert self.dht is not None
@@ -80,8 +99,13 @@ class SwarmDHT:
         assert self.dht is not None
         subkey = name.encode() + self._owner
         with self._lock:
-            fut = self.dht.store(key, subkey=subkey, value=value,
-                                 expiration_time=get_dht_time() + ttl_s, return_future=True)
+            fut = self.dht.store(
+                key,
+                subkey=subkey,
+                value=value,
+                expiration_time=get_dht_time() + ttl_s,
+                return_future=True,
+            )
         if not wait:
             return True
         try:
@@ -114,7 +138,7 @@ class SwarmDHT:
     def _check(subkey: object, value: object, parse: Callable[[dict], T]) -> T:
         if not isinstance(subkey, bytes) or OWNER_TAG not in subkey:
             raise Malformed("unsigned subkey")
-        owner = subkey[subkey.index(OWNER_TAG):]
+        owner = subkey[subkey.index(OWNER_TAG) :]
         if not isinstance(value, dict):
             raise Malformed(f"value is a {type(value).__name__}, not a map")
         if value.get("peer_id") != peer_id_of(owner):
@@ -125,8 +149,7 @@ class SwarmDHT:
         """Re-store make() every ttl/3 in the background, so the record outlives long steps."""
         self._keepalive = (key, name, make, ttl_s)
         if self._thread is None:
-            self._thread = threading.Thread(target=self._refresh, name="dht-keepalive",
-                                            daemon=True)
+            self._thread = threading.Thread(target=self._refresh, name="dht-keepalive", daemon=True)
             self._thread.start()
 
     def _refresh(self) -> None:

@@ -26,8 +26,9 @@ MAX_PENDING = 4096
 
 
 class Mailbox:
-    def __init__(self, transport: Transport, run: str, me: str, limits: WireLimits,
-                 max_pending_bytes: int) -> None:
+    def __init__(
+        self, transport: Transport, run: str, me: str, limits: WireLimits, max_pending_bytes: int
+    ) -> None:
         self.transport, self.run, self.me, self.limits = transport, run, me, limits
         self.max_pending_bytes = max_pending_bytes
         self.scope = (0, 0, 0)  # (epoch, step, attempt) of the round in progress
@@ -52,11 +53,21 @@ class Mailbox:
         # Traffic of an earlier attempt is dead; only a stale JOIN still deserves a RETRY.
         return m.kind == "JOIN" or m.attempt >= attempt
 
-    def send(self, endpoint: str, key: str, kind: str, /, *, attempt: int | None = None,
-             payload: bytes | None = None, **body: object) -> bool:
+    def send(
+        self,
+        endpoint: str,
+        key: str,
+        kind: str,
+        /,
+        *,
+        attempt: int | None = None,
+        payload: bytes | None = None,
+        **body: object,
+    ) -> bool:
         epoch, step, cur = self.scope
-        h = header(kind, self.run, epoch, step, cur if attempt is None else attempt, self.me,
-                   **body)
+        h = header(
+            kind, self.run, epoch, step, cur if attempt is None else attempt, self.me, **body
+        )
         return self.transport.send(endpoint, key, h, payload)
 
     def get(self, deadline: float, want: Callable[[Msg], bool]) -> Msg | None:
@@ -76,20 +87,24 @@ class Mailbox:
             if env is None:
                 continue
             try:
-                m = parse(env.header, self.run, env.sender_key, env.payload, env.nbytes,
-                          self.limits)
+                m = parse(
+                    env.header, self.run, env.sender_key, env.payload, env.nbytes, self.limits
+                )
             except Malformed as e:
                 self.transport.dropped += 1
-                log.warning("dropped malformed %s message from %s: %s",
-                            str(env.header.get("t"))[:16], env.sender_key, e)
+                log.warning(
+                    "dropped malformed %s message from %s: %s",
+                    str(env.header.get("t"))[:16],
+                    env.sender_key,
+                    e,
+                )
                 continue
             if want(m):
                 return m
             if self._relevant(m):
                 self._keep(m)
             else:
-                log.debug("dropped stale %s for %s/%s from %s", m.kind, m.epoch, m.step,
-                          m.sender)
+                log.debug("dropped stale %s for %s/%s from %s", m.kind, m.epoch, m.step, m.sender)
 
     def pump(self, until: float) -> None:
         """Move arrived messages into the buffer until `until`, e.g. during a matchmaking window."""
@@ -99,8 +114,9 @@ class Mailbox:
         self._pending.append(m)
         self._pending_bytes += m.nbytes
         # Bounded: a flood (or a peer far ahead) must not grow memory without limit.
-        while self._pending and (len(self._pending) > MAX_PENDING
-                                 or self._pending_bytes > self.max_pending_bytes):
+        while self._pending and (
+            len(self._pending) > MAX_PENDING or self._pending_bytes > self.max_pending_bytes
+        ):
             old = self._pending.popleft()
             self._pending_bytes -= old.nbytes
             log.warning("inbox full: dropped buffered %s from %s", old.kind, old.sender)

@@ -9,9 +9,9 @@ One attempt (see DESIGN.md, "The round protocol"):
 3. Read the announcements. If anyone is at a higher attempt, move there. The leader is the
    lowest peer id among announcers of our attempt. Followers JOIN it (a non-leader that gets
    a JOIN answers REDIRECT, strictly towards lower ids, so redirects terminate).
-4. The leader waits for the announcers it saw (up to one more window), freezes the group,
-   sends RESYNC to members whose θ_g hash is not the majority's, and BEGIN to the rest.
-   A follower accepts exactly one BEGIN: from the leader it joined, for its own attempt.
+4. The leader (leader.py) waits for the announcers it saw (up to one more window), freezes
+   the group, sends RESYNC to members whose θ_g hash is not the majority's, and BEGIN to the
+   rest. A follower accepts exactly one BEGIN: from the leader it joined, for its attempt.
 
 Anything unexpected ends the attempt with RoundAborted(next_attempt); the Swarm retries
 until its deadline. DHT views may be stale; the θ_g-hash majority check at every round is
@@ -21,14 +21,15 @@ the backstop that makes a rare split brain heal (the minority resyncs).
 from __future__ import annotations
 
 import logging
-import secrets
 import time
-from dataclasses import dataclass
+from typing import NoReturn
 
 from peers.config import SwarmConfig
-from peers.consensus import majority_state, vote_hash
+from peers.consensus import vote_hash
 from peers.dht import SwarmDHT
 from peers.errors import NeedResync, RoundAborted, RoundFailed
+from peers.group import Group, RoundRequest
+from peers.leader import Leader
 from peers.mailbox import Mailbox
 from peers.messages import Member, Msg
 from peers.records import Announcement
@@ -38,73 +39,79 @@ log = logging.getLogger(__name__)
 REPLY_KINDS = frozenset({"BEGIN", "REDIRECT", "RETRY", "RESYNC", "REJECT", "FORMED"})
 
 
-@dataclass(frozen=True)
-class RoundRequest:
-    epoch: int
-    step: int
-    weight: float
-    params_hash: str
-    numel: int
-    codec: str
-    block_size: int
-    vote: dict | None
-
-
-@dataclass(frozen=True)
-class Group:
-    rid: str
-    epoch: int
-    step: int
-    attempt: int
-    leader: Member
-    members: tuple[Member, ...]  # sorted by peer_id; shard k is reduced by members[k]
-    params_hash: str
-
-
 class Matchmaker:
     def __init__(self, cfg: SwarmConfig, dht: SwarmDHT, mb: Mailbox, me: Member) -> None:
         self.cfg, self.dht, self.mb, self.me = cfg, dht, mb, me
         self.view = SwarmView(dht, me.peer_id)
+        self.leader = Leader(cfg, mb, self.view, me)
 
     def form(self, req: RoundRequest, attempt: int, deadline: float) -> Group:
         """One matchmaking attempt; returns the group or raises NeedResync / RoundAborted."""
         self.mb.set_scope(req.epoch, req.step, attempt)
         live = self.view.live_in_epoch(self.check_progress(req), req.epoch)
-        ann = Announcement(self.me.peer_id, self.me.endpoint, self.me.curve_key, attempt,
-                           req.weight, params_hash=req.params_hash, numel=req.numel,
-                           codec=req.codec, block_size=req.block_size, vote=req.vote)
+        ann = Announcement(
+            self.me.peer_id,
+            self.me.endpoint,
+            self.me.curve_key,
+            attempt,
+            req.weight,
+            params_hash=req.params_hash,
+            numel=req.numel,
+            codec=req.codec,
+            block_size=req.block_size,
+            vote=req.vote,
+        )
         ttl = self.cfg.round_timeout_s + 2 * self.cfg.matchmaking_s
         # Not awaited: others poll for it, and our own reads add it (views.announcements).
-        self.dht.store(self.view.announce_key(req.epoch, req.step), self.me.peer_id,
-                       ann.to_dict(), ttl, wait=False)
-        anns = self._gather(req, ann, live | {self.me.peer_id},
-                            min(deadline, time.monotonic() + self.cfg.matchmaking_s))
+        self.dht.store(
+            self.view.announce_key(req.epoch, req.step),
+            self.me.peer_id,
+            ann.to_dict(),
+            ttl,
+            wait=False,
+        )
+        expected = live | {self.me.peer_id}
+        anns = self._gather(
+            req, ann, expected, min(deadline, time.monotonic() + self.cfg.matchmaking_s)
+        )
         top = max(a.attempt for a in anns.values())
         if top > attempt:
             raise RoundAborted(f"others are at attempt {top}", next_attempt=top)
-        self.check_progress(req)
+        # If every live peer announced this step, none of them can have committed it without
+        # us; otherwise look again, the window may have hidden a round that ran without us.
+        complete = expected <= {pid for pid, a in anns.items() if a.attempt == attempt}
+        if not complete:
+            self.check_progress(req)
         leader = min(pid for pid, a in anns.items() if a.attempt == attempt)
         if leader == self.me.peer_id:
-            return self._lead(req, ann, anns, deadline)
+            led = self.leader.lead(req, ann, anns, deadline, complete)
+            if led is None:  # a group averages our step without us: wait for its outcome
+                self.await_outcome(req, attempt, deadline)
+            if isinstance(led, Member):  # a lower id appeared: it leads, we follow
+                return self._follow(req, ann, led, deadline)
+            return led
         a = anns[leader]
         return self._follow(req, ann, Member(a.peer_id, a.endpoint, a.curve_key, 0.0), deadline)
 
-    def _gather(self, req: RoundRequest, ann: Announcement, expected: set[str],
-                until: float) -> dict[str, Announcement]:
+    def _gather(
+        self, req: RoundRequest, ann: Announcement, expected: set[str], until: float
+    ) -> dict[str, Announcement]:
         """Announcements for our step when the window ends, or as soon as every live peer of
         our epoch (`expected`) has announced: a full swarm need not wait out the window."""
         while True:
             anns = self.view.announcements(req.epoch, req.step, ann)
             present = {pid for pid, a in anns.items() if a.attempt >= ann.attempt}
-            if time.monotonic() >= until or (expected <= present
-                                              and len(present) >= self.cfg.min_peers):
+            if time.monotonic() >= until or (
+                expected <= present and len(present) >= self.cfg.min_peers
+            ):
                 return anns
-            self.mb.pump(min(until, time.monotonic() + 0.05))
+            self.mb.pump(min(until, time.monotonic() + 0.025))
 
     # ---- follower -------------------------------------------------------------------------
 
-    def _follow(self, req: RoundRequest, ann: Announcement, target: Member,
-                deadline: float) -> Group:
+    def _follow(
+        self, req: RoundRequest, ann: Announcement, target: Member, deadline: float
+    ) -> Group:
         attempt = ann.attempt
         for _ in range(8):  # redirects strictly lower the leader id, so this is a safety cap
             self._send_join(target, ann)
@@ -118,11 +125,15 @@ class Matchmaker:
                 target = new
                 continue
             if msg.kind == "RETRY":
-                raise RoundAborted("leader asked to retry", next_attempt=max(msg.attempt,
-                                                                             attempt + 1))
+                raise RoundAborted(
+                    "leader asked to retry", next_attempt=max(msg.attempt, attempt + 1)
+                )
             if msg.kind == "RESYNC":
-                raise NeedResync(f"group θ_g hash {msg.body['params_hash']} differs from ours "
-                                 f"({msg.body['reason']})", self.view.record_of(target.peer_id))
+                raise NeedResync(
+                    f"group θ_g hash {msg.body['params_hash']} differs from ours "
+                    f"({msg.body['reason']})",
+                    self.view.record_of(target.peer_id),
+                )
             if msg.kind == "REJECT":
                 raise RoundFailed(f"leader {target.peer_id} rejected us: {msg.body['reason']}")
             self.await_outcome(req, attempt, deadline)  # FORMED: a round runs without us
@@ -131,117 +142,71 @@ class Matchmaker:
     def _await_reply(self, req: RoundRequest, target: Member, deadline: float) -> Msg:
         """The leader's answer to our JOIN. It may legitimately take a window and a grace
         period; meanwhile answer stray JOINs and notice a round that committed without us."""
-        until = min(deadline, time.monotonic() + 2 * self.cfg.matchmaking_s
-                    + self.cfg.phase_timeout_s)
+        until = min(
+            deadline, time.monotonic() + 2 * self.cfg.matchmaking_s + self.cfg.phase_timeout_s
+        )
         while True:
-            msg = self.mb.get(min(until, time.monotonic() + 1.0), lambda m: self._is_reply(
-                m, target, req) or (m.kind == "JOIN" and (m.epoch, m.step) == (req.epoch,
-                                                                              req.step)))
+            msg = self.mb.get(
+                min(until, time.monotonic() + 1.0),
+                lambda m: (
+                    self._is_reply(m, target, req)
+                    or (m.kind == "JOIN" and (m.epoch, m.step) == (req.epoch, req.step))
+                ),
+            )
             if msg is None:
                 if time.monotonic() >= until:
-                    raise RoundAborted(f"leader {target.peer_id} did not answer",
-                                       next_attempt=self.mb.scope[2] + 1)
+                    raise RoundAborted(
+                        f"leader {target.peer_id} did not answer", next_attempt=self.mb.scope[2] + 1
+                    )
                 self.check_progress(req)
             elif msg.kind == "JOIN":  # someone thinks we lead: point it at our leader
-                self._reply(msg, "REDIRECT", leader=target.to_dict())
+                self.leader.reply(msg, "REDIRECT", leader=target.to_dict())
             else:
                 return msg
 
     def _is_reply(self, m: Msg, target: Member, req: RoundRequest) -> bool:
         # Replies echo our attempt; a RETRY names a later one. Anything else is stale.
         mine = self.mb.scope[2]
-        return (m.kind in REPLY_KINDS and m.sender_key == target.curve_key
-                and (m.epoch, m.step) == (req.epoch, req.step)
-                and (m.attempt > mine if m.kind == "RETRY" else m.attempt == mine))
+        return (
+            m.kind in REPLY_KINDS
+            and m.sender_key == target.curve_key
+            and (m.epoch, m.step) == (req.epoch, req.step)
+            and (m.attempt > mine if m.kind == "RETRY" else m.attempt == mine)
+        )
 
-    def _accept_begin(self, msg: Msg, req: RoundRequest, ann: Announcement,
-                      leader: Member) -> Group:
+    def _accept_begin(
+        self, msg: Msg, req: RoundRequest, ann: Announcement, leader: Member
+    ) -> Group:
         b = msg.body
         mine = [m for m in b["members"] if m.peer_id == self.me.peer_id]
         expect = (self.me.endpoint, self.me.curve_key, ann.weight, _vote_id(ann.vote))
-        if not mine or (mine[0].endpoint, mine[0].curve_key, mine[0].weight,
-                        _vote_id(mine[0].vote)) != expect:
+        if (
+            not mine
+            or (mine[0].endpoint, mine[0].curve_key, mine[0].weight, _vote_id(mine[0].vote))
+            != expect
+        ):
             raise RoundAborted("BEGIN lists us wrongly", next_attempt=ann.attempt + 1)
         if (b["numel"], b["codec"], b["block_size"]) != (req.numel, req.codec, req.block_size):
             raise RoundAborted("BEGIN for another tensor layout", next_attempt=ann.attempt + 1)
         if b["params_hash"] != req.params_hash:
-            raise NeedResync(f"group θ_g hash {b['params_hash']} differs from ours",
-                             self.view.record_of(leader.peer_id))
+            raise NeedResync(
+                f"group θ_g hash {b['params_hash']} differs from ours",
+                self.view.record_of(leader.peer_id),
+            )
         lead = [m for m in b["members"] if m.peer_id == leader.peer_id]
         if not lead:
             raise RoundAborted("BEGIN without its leader", next_attempt=ann.attempt + 1)
-        return Group(b["rid"], req.epoch, req.step, ann.attempt, lead[0], tuple(b["members"]),
-                     b["params_hash"])
+        return Group(
+            b["rid"],
+            req.epoch,
+            req.step,
+            ann.attempt,
+            lead[0],
+            tuple(b["members"]),
+            b["params_hash"],
+        )
 
-    # ---- leader ---------------------------------------------------------------------------
-
-    def _lead(self, req: RoundRequest, ann: Announcement, anns: dict[str, Announcement],
-              deadline: float) -> Group:
-        attempt = ann.attempt
-        joined: dict[str, Announcement] = {self.me.peer_id: ann}
-        grace = min(deadline, time.monotonic() + self.cfg.matchmaking_s)
-        expected = {pid for pid, a in anns.items() if a.attempt == attempt}
-        while not expected <= set(joined):
-            msg = self.mb.get(grace, lambda m: m.kind == "JOIN"
-                              and (m.epoch, m.step) == (req.epoch, req.step))
-            if msg is None:
-                break
-            self._on_join(msg, req, joined)
-        # Fresh view: a lower id may have appeared, and joiners must not impersonate anyone.
-        anns = self.view.announcements(req.epoch, req.step, ann)
-        lower = sorted(pid for pid, a in anns.items() if a.attempt == attempt
-                       and pid < self.me.peer_id)
-        if lower:
-            a = anns[lower[0]]
-            new = Member(a.peer_id, a.endpoint, a.curve_key, 0.0)
-            self._tell(joined, "REDIRECT", leader=new.to_dict())
-            return self._follow(req, ann, new, deadline)
-        for pid in list(joined):
-            seen = anns.get(pid)
-            if seen is not None and seen.curve_key != joined[pid].curve_key:
-                log.warning("JOIN from %s does not match its DHT announcement; ignored", pid)
-                del joined[pid]
-        if self.view.busy_without_us(req.epoch, req.step, attempt, set(joined)):
-            self._tell(joined, "RETRY", attempt=attempt + 1)
-            self.await_outcome(req, attempt, deadline)
-        states = {pid: (a.params_hash, a.numel) for pid, a in joined.items()}
-        majority = majority_state(states, self.me.peer_id)
-        if states[self.me.peer_id] != majority:
-            holder = min(pid for pid, s in states.items() if s == majority)
-            self._tell(joined, "RETRY", attempt=attempt + 1)
-            raise NeedResync(f"the majority of joiners hold θ_g {majority[0]}, not ours",
-                             self.view.record_of(holder))
-        for pid in [pid for pid, s in states.items() if s != majority]:
-            self._reply_to(joined.pop(pid), "RESYNC", params_hash=majority[0],
-                           reason="θ_g hash differs from the group majority")
-        if len(joined) < self.cfg.min_peers:
-            self._tell(joined, "RETRY", attempt=attempt + 1)
-            raise RoundAborted(f"only {len(joined)} of min_peers={self.cfg.min_peers} joined",
-                               next_attempt=attempt + 1)
-        members = tuple(Member(a.peer_id, a.endpoint, a.curve_key, a.weight, a.vote)
-                        for _, a in sorted(joined.items()))
-        rid = secrets.token_hex(8)
-        self._tell(joined, "BEGIN", rid=rid, members=[m.to_dict() for m in members],
-                   params_hash=req.params_hash, numel=req.numel, codec=req.codec,
-                   block_size=req.block_size)
-        me = next(m for m in members if m.peer_id == self.me.peer_id)
-        return Group(rid, req.epoch, req.step, attempt, me, members, req.params_hash)
-
-    def _on_join(self, msg: Msg, req: RoundRequest, joined: dict[str, Announcement]) -> None:
-        a: Announcement = msg.body["ann"]
-        attempt = self.mb.scope[2]
-        if msg.attempt < attempt:
-            self._reply(msg, "RETRY", attempt=attempt)
-        elif msg.attempt > attempt:
-            self._tell(joined, "RETRY", attempt=msg.attempt)
-            raise RoundAborted(f"{a.peer_id} is at attempt {msg.attempt}",
-                               next_attempt=msg.attempt)
-        elif (a.codec, a.block_size) != (req.codec, req.block_size):
-            self._reply(msg, "REJECT", reason=f"codec {req.codec}/{req.block_size} required")
-        elif a.peer_id != self.me.peer_id:
-            joined[a.peer_id] = a
-
-    def await_outcome(self, req: RoundRequest, attempt: int, deadline: float) -> None:
+    def await_outcome(self, req: RoundRequest, attempt: int, deadline: float) -> NoReturn:
         """A round for our step runs without us: wait until it commits (-> NeedResync) or
         its members come back at a higher attempt (-> RoundAborted, to join them)."""
         # Its in_round flags may not be visible yet, so "nobody busy" only counts once a
@@ -250,38 +215,25 @@ class Matchmaker:
         while time.monotonic() < deadline:
             self.mb.pump(min(deadline, time.monotonic() + 0.5))
             self.check_progress(req)
-            top = max((a.attempt for a in self.view.announcements(req.epoch, req.step).values()),
-                      default=0)
+            top = max(
+                (a.attempt for a in self.view.announcements(req.epoch, req.step).values()),
+                default=0,
+            )
             idle = time.monotonic() > settle and not self.view.busy_without_us(
-                req.epoch, req.step, attempt, set())
+                req.epoch, req.step, attempt, set()
+            )
             if top > attempt or idle:
-                raise RoundAborted("the other group finished or gave up",
-                                   next_attempt=max(top, attempt + 1))
+                raise RoundAborted(
+                    "the other group finished or gave up", next_attempt=max(top, attempt + 1)
+                )
         raise RoundFailed("a round for our step ran without us until the deadline")
 
     def check_progress(self, req: RoundRequest) -> list:
         return self.view.check_progress(req.epoch, req.step)
 
-    # ---- sending ----------------------------------------------------------------------------
-
     def _send_join(self, target: Member, ann: Announcement) -> None:
         body = {k: v for k, v in ann.to_dict().items() if k not in ("peer_id", "attempt")}
         self.mb.send(target.endpoint, target.curve_key, "JOIN", **body)
-
-    def _reply(self, msg: Msg, kind: str, **body: object) -> None:
-        a = msg.body.get("ann")
-        if a is not None:  # only JOINs carry an address we can answer to
-            body.setdefault("attempt", msg.attempt)  # so the joiner knows it is current
-            self._reply_to(a, kind, **body)
-
-    def _reply_to(self, a: Announcement, kind: str, attempt: int | None = None,
-                  **body: object) -> None:
-        self.mb.send(a.endpoint, a.curve_key, kind, attempt=attempt, **body)
-
-    def _tell(self, joined: dict[str, Announcement], kind: str, **body: object) -> None:
-        for pid, a in joined.items():
-            if pid != self.me.peer_id:
-                self._reply_to(a, kind, **body)
 
 
 def _vote_id(vote: dict | None) -> str | None:

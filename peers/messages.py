@@ -45,15 +45,25 @@ class Member:
     vote: dict | None = None
 
     def to_dict(self) -> dict:
-        return {"peer_id": self.peer_id, "endpoint": self.endpoint,
-                "curve_key": self.curve_key, "weight": self.weight, "vote": self.vote}
+        return {
+            "peer_id": self.peer_id,
+            "endpoint": self.endpoint,
+            "curve_key": self.curve_key,
+            "weight": self.weight,
+            "vote": self.vote,
+        }
 
     @classmethod
     def from_dict(cls, d: object) -> Member:
         if not isinstance(d, dict):
             raise Malformed("member entry: expected a map")
-        return cls(req_hex(d, "peer_id", 64), req_endpoint(d, "endpoint"),
-                   req_curve_key(d, "curve_key"), req_float(d, "weight"), opt_vote(d))
+        return cls(
+            req_hex(d, "peer_id", 64),
+            req_endpoint(d, "endpoint"),
+            req_curve_key(d, "curve_key"),
+            req_float(d, "weight"),
+            opt_vote(d),
+        )
 
 
 @dataclass(frozen=True)
@@ -74,14 +84,28 @@ class Msg:
         return self.body.get("rid")
 
 
-def header(kind: str, run: str, epoch: int, step: int, attempt: int, sender: str,
-           **body: object) -> dict:
-    return {"t": kind, "run": run, "epoch": epoch, "step": step, "attempt": attempt,
-            "from": sender, **body}
+def header(
+    kind: str, run: str, epoch: int, step: int, attempt: int, sender: str, **body: object
+) -> dict:
+    return {
+        "t": kind,
+        "run": run,
+        "epoch": epoch,
+        "step": step,
+        "attempt": attempt,
+        "from": sender,
+        **body,
+    }
 
 
-def parse(h: dict, run: str, sender_key: str, payload: bytes | memoryview | None, nbytes: int,
-          limits: WireLimits) -> Msg:
+def parse(
+    h: dict,
+    run: str,
+    sender_key: str,
+    payload: bytes | memoryview | None,
+    nbytes: int,
+    limits: WireLimits,
+) -> Msg:
     """Validate an untrusted message; raises Malformed (with the reason) on anything odd.
 
     Shard frames are unpacked here, on arrival, so a truncated or NaN-scaled frame is
@@ -97,8 +121,17 @@ def parse(h: dict, run: str, sender_key: str, payload: bytes | memoryview | None
     body = _BODY[kind](h)
     if kind == "JOIN" and body["ann"].curve_key != sender_key:
         raise Malformed("JOIN's curve_key differs from the key that authenticated the sender")
-    msg = Msg(kind, req_int(h, "epoch"), req_int(h, "step"), req_int(h, "attempt", hi=1 << 20),
-              req_hex(h, "from", 64), sender_key, body, payload, nbytes)
+    msg = Msg(
+        kind,
+        req_int(h, "epoch"),
+        req_int(h, "step"),
+        req_int(h, "attempt", hi=1 << 20),
+        req_hex(h, "from", 64),
+        sender_key,
+        body,
+        payload,
+        nbytes,
+    )
     if payload is None:
         return msg
     try:
@@ -136,9 +169,14 @@ def _begin(h: dict) -> dict:
         raise Malformed("BEGIN: members must be sorted by peer_id without duplicates")
     if len({m.curve_key for m in members}) != len(members):
         raise Malformed("BEGIN: two members share a curve key")
-    return {"rid": req_hex(h, "rid", 32), "members": members,
-            "params_hash": req_str(h, "params_hash", 128), "numel": req_int(h, "numel", hi=1 << 40),
-            "codec": req_str(h, "codec", 16), "block_size": req_int(h, "block_size", 1, 1 << 20)}
+    return {
+        "rid": req_hex(h, "rid", 32),
+        "members": members,
+        "params_hash": req_str(h, "params_hash", 128),
+        "numel": req_int(h, "numel", hi=1 << 40),
+        "codec": req_str(h, "codec", 16),
+        "block_size": req_int(h, "block_size", 1, 1 << 20),
+    }
 
 
 def _shard(h: dict) -> dict:
@@ -154,7 +192,16 @@ def _abort(h: dict) -> dict:
 
 
 _BODY = {
-    "JOIN": _join, "REDIRECT": _redirect, "RETRY": lambda h: {}, "RESYNC": _resync,
-    "REJECT": _reason, "FORMED": lambda h: {}, "BEGIN": _begin, "PART": _shard,
-    "REDUCED": _shard, "DONE": _digest, "COMMIT": _digest, "ABORT": _abort,
+    "JOIN": _join,
+    "REDIRECT": _redirect,
+    "RETRY": lambda h: {},
+    "RESYNC": _resync,
+    "REJECT": _reason,
+    "FORMED": lambda h: {},
+    "BEGIN": _begin,
+    "PART": _shard,
+    "REDUCED": _shard,
+    "DONE": _digest,
+    "COMMIT": _digest,
+    "ABORT": _abort,
 }

@@ -27,8 +27,8 @@ import torch
 from compression.codec import Codec, Encoded, get_codec, shard_bounds
 from compression.wire import pack
 from peers.errors import Malformed, RoundAborted, RoundFailed
+from peers.group import Group
 from peers.mailbox import Mailbox
-from peers.membership import Group
 from peers.messages import ROUND_KINDS, Member, Msg
 
 log = logging.getLogger(__name__)
@@ -36,8 +36,9 @@ Hook = Callable[[str, int], None]  # (phase, step): test hook for fault injectio
 
 
 class RoundRunner:
-    def __init__(self, mb: Mailbox, me: str, phase_timeout_s: float,
-                 hook: Hook | None = None) -> None:
+    def __init__(
+        self, mb: Mailbox, me: str, phase_timeout_s: float, hook: Hook | None = None
+    ) -> None:
         self.mb, self.me, self.phase_timeout_s, self.hook = mb, me, phase_timeout_s, hook
 
     def run(self, g: Group, local: Encoded, deadline: float) -> torch.Tensor:
@@ -68,7 +69,7 @@ class RoundRunner:
                 for k, m in enumerate(members):
                     if k != i:
                         self._send(m, "REDUCED", g, payload=reduced[i], shard=i)
-                mean[bounds[i][0]:bounds[i][1]] = codec.decode(enc).view(-1)
+                mean[bounds[i][0] : bounds[i][1]] = codec.decode(enc).view(-1)
                 marks.append(("reduced_sent", time.monotonic()))
                 continue
             msg, k = self._next(g, min(deadline, progress + self.phase_timeout_s))
@@ -76,14 +77,19 @@ class RoundRunner:
                 acc.add(k, self._shard(g, msg, bounds[i], local))
             elif msg.kind == "REDUCED" and msg.body["shard"] == k and k not in reduced:
                 enc = self._shard(g, msg, bounds[k], local)
-                mean[bounds[k][0]:bounds[k][1]] = codec.decode(enc).view(-1)
+                mean[bounds[k][0] : bounds[k][1]] = codec.decode(enc).view(-1)
                 reduced[k] = bytes(msg.payload)
             elif msg.kind == "DONE":
                 dones[k] = msg.body["digest"]  # an early DONE for the leader: keep it
                 continue
             else:
-                log.warning("dropped unexpected %s (shard %s) from %s in round %s", msg.kind,
-                            msg.body.get("shard"), msg.sender, g.rid)
+                log.warning(
+                    "dropped unexpected %s (shard %s) from %s in round %s",
+                    msg.kind,
+                    msg.body.get("shard"),
+                    msg.sender,
+                    g.rid,
+                )
                 continue
             progress = time.monotonic()
         self._hook("after_reduce", g.step)
@@ -93,12 +99,16 @@ class RoundRunner:
         marks.append(("decoded", time.monotonic()))
         self._commit(g, i, digest.hexdigest(), dones, deadline)
         marks.append(("committed", time.monotonic()))
-        log.debug("round %s timeline (ms): %s", g.rid, " ".join(
-            f"{name}={1000 * (t - marks[0][1]):.0f}" for name, t in marks[1:]))
+        log.debug(
+            "round %s timeline (ms): %s",
+            g.rid,
+            " ".join(f"{name}={1000 * (t - marks[0][1]):.0f}" for name, t in marks[1:]),
+        )
         return mean.view(local.shape)
 
-    def _commit(self, g: Group, i: int, digest: str, dones: dict[int, str],
-                deadline: float) -> None:
+    def _commit(
+        self, g: Group, i: int, digest: str, dones: dict[int, str], deadline: float
+    ) -> None:
         """Two-phase end: DONE to the leader, COMMIT from it. Returns only once committed."""
         until = min(deadline, time.monotonic() + self.phase_timeout_s)
         if g.leader.peer_id != self.me:
@@ -127,8 +137,13 @@ class RoundRunner:
         index = {m.peer_id: k for k, m in enumerate(g.members)}
         while True:
             try:
-                msg = self.mb.get(until, lambda m: (m.kind in ROUND_KINDS and m.rid == g.rid)
-                                  or (m.kind == "JOIN" and (m.epoch, m.step) == (g.epoch, g.step)))
+                msg = self.mb.get(
+                    until,
+                    lambda m: (
+                        (m.kind in ROUND_KINDS and m.rid == g.rid)
+                        or (m.kind == "JOIN" and (m.epoch, m.step) == (g.epoch, g.step))
+                    ),
+                )
             except RoundFailed:  # we are shutting down: tell the others instead of stalling them
                 self._abort(g, "a member is leaving the swarm", RoundFailed)
             if msg is None:
@@ -139,13 +154,18 @@ class RoundRunner:
                 continue
             k = index.get(msg.sender)
             if k is None or g.members[k].curve_key != msg.sender_key:
-                log.warning("dropped %s claiming to be %s: not signed by a member of round %s",
-                            msg.kind, msg.sender, g.rid)
+                log.warning(
+                    "dropped %s claiming to be %s: not signed by a member of round %s",
+                    msg.kind,
+                    msg.sender,
+                    g.rid,
+                )
                 self.mb.transport.dropped += 1
                 continue
             if msg.kind == "ABORT":
-                raise RoundAborted(f"{msg.sender} aborted: {msg.body['reason']}",
-                                   next_attempt=g.attempt + 1)
+                raise RoundAborted(
+                    f"{msg.sender} aborted: {msg.body['reason']}", next_attempt=g.attempt + 1
+                )
             return msg, k
 
     def _shard(self, g: Group, msg: Msg, bound: tuple[int, int], local: Encoded) -> Encoded:
@@ -155,19 +175,26 @@ class RoundRunner:
             check_shard(msg.enc, bound, local)
         except Malformed as e:
             self.mb.transport.dropped += 1
-            log.warning("invalid %s from member %s in round %s: %s", msg.kind, msg.sender,
-                        g.rid, e)
+            log.warning("invalid %s from member %s in round %s: %s", msg.kind, msg.sender, g.rid, e)
             self._abort(g, f"invalid {msg.kind} from {msg.sender}")
         return msg.enc
 
-    def _send(self, m: Member, kind: str, g: Group, payload: bytes | None = None,
-              **body: object) -> None:
-        self.mb.send(m.endpoint, m.curve_key, kind, attempt=g.attempt, payload=payload,
-                     rid=g.rid, **body)
+    def _send(
+        self, m: Member, kind: str, g: Group, payload: bytes | None = None, **body: object
+    ) -> None:
+        self.mb.send(
+            m.endpoint, m.curve_key, kind, attempt=g.attempt, payload=payload, rid=g.rid, **body
+        )
 
     def _abort(self, g: Group, reason: str, exc: type[Exception] = RoundAborted) -> NoReturn:
-        log.warning("aborting round %s (epoch %d step %d attempt %d): %s", g.rid, g.epoch,
-                    g.step, g.attempt, reason)
+        log.warning(
+            "aborting round %s (epoch %d step %d attempt %d): %s",
+            g.rid,
+            g.epoch,
+            g.step,
+            g.attempt,
+            reason,
+        )
         for m in g.members:
             if m.peer_id != self.me:
                 self._send(m, "ABORT", g, reason=reason[:500])
@@ -210,7 +237,8 @@ class _Accumulator:
 def check_shard(enc: Encoded, bound: tuple[int, int], local: Encoded) -> None:
     """A shard must use our codec and block size and cover exactly [start, end)."""
     if (enc.codec, enc.block_size) != (local.codec, local.block_size):
-        raise Malformed(f"codec {enc.codec}/{enc.block_size}, expected "
-                        f"{local.codec}/{local.block_size}")
+        raise Malformed(
+            f"codec {enc.codec}/{enc.block_size}, expected {local.codec}/{local.block_size}"
+        )
     if enc.shape != (bound[1] - bound[0],):
         raise Malformed(f"shape {enc.shape}, expected ({bound[1] - bound[0]},)")

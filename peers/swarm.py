@@ -19,7 +19,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
 
 import torch
 
@@ -29,8 +28,9 @@ from peers.config import SwarmConfig
 from peers.consensus import tally, vote_hash
 from peers.dht import SwarmDHT
 from peers.errors import Malformed, NeedResync, RoundAborted, RoundFailed
+from peers.group import AllReduceResult, Group, RoundRequest
 from peers.mailbox import Mailbox
-from peers.membership import Group, Matchmaker, RoundRequest
+from peers.membership import Matchmaker
 from peers.messages import Member
 from peers.records import HistoryEntry, PeerRecord
 from peers.rounds import Hook, RoundRunner
@@ -40,26 +40,19 @@ log = logging.getLogger(__name__)
 __all__ = ["AllReduceResult", "NeedResync", "RoundFailed", "Swarm", "SwarmConfig"]
 
 
-@dataclass(frozen=True)
-class AllReduceResult:
-    mean: torch.Tensor  # fp32, shape of the local encoding; identical on every member
-    members: list[str]  # peer ids of the group, sorted
-    bytes_sent: int  # by this peer during this call (all attempts, headers included)
-    bytes_recv: int
-    seconds: float  # the whole call: matchmaking, failed attempts, data phase, commit
-    data_seconds: float  # BEGIN to COMMIT of the attempt that committed
-    committed_vote: dict | None  # the growth proposal the group committed, if any
-    attempts: int  # 1 = the first group formed committed
-    leader: str
-    round_id: str
-
-
 class Swarm:
-    def __init__(self, cfg: SwarmConfig, *, state_endpoint: str | None = None,
-                 state_curve_key: str | None = None, hook: Hook | None = None) -> None:
+    def __init__(
+        self,
+        cfg: SwarmConfig,
+        *,
+        state_endpoint: str | None = None,
+        state_curve_key: str | None = None,
+        hook: Hook | None = None,
+    ) -> None:
         self.cfg = cfg
-        self.dht = SwarmDHT(cfg.run, cfg.host, cfg.port, cfg.announce_host, cfg.initial_peers,
-                            cfg.dht_timeout_s)
+        self.dht = SwarmDHT(
+            cfg.run, cfg.host, cfg.port, cfg.announce_host, cfg.initial_peers, cfg.dht_timeout_s
+        )
         self.peer_id = self.dht.peer_id
         self._state = (state_endpoint, state_curve_key)
         self._hook = hook
@@ -76,24 +69,27 @@ class Swarm:
         from peers.transport import Transport  # zmq threads only after the DHT has forked
 
         self.dht.start()
-        self.transport = Transport(self.cfg.host, self.cfg.data_port, self.cfg.announce_host,
-                                   self.cfg.max_frame_bytes)
+        self.transport = Transport(
+            self.cfg.host, self.cfg.data_port, self.cfg.announce_host, self.cfg.max_frame_bytes
+        )
         self.transport.start()
         self.me = Member(self.peer_id, self.transport.endpoint, self.transport.curve_key, 0.0)
         limits = WireLimits(max_frame_bytes=self.cfg.max_frame_bytes)
         # Early PARTs (before our BEGIN) are buffered: allow a few rounds' worth of shards.
-        self.mailbox = Mailbox(self.transport, self.cfg.run, self.peer_id, limits,
-                               4 * self.cfg.max_frame_bytes)
+        self.mailbox = Mailbox(
+            self.transport, self.cfg.run, self.peer_id, limits, 4 * self.cfg.max_frame_bytes
+        )
         self.matchmaker = Matchmaker(self.cfg, self.dht, self.mailbox, self.me)
-        self.runner = RoundRunner(self.mailbox, self.peer_id, self.cfg.phase_timeout_s,
-                                  self._hook)
+        self.runner = RoundRunner(self.mailbox, self.peer_id, self.cfg.phase_timeout_s, self._hook)
         self.visible_maddrs = self.dht.visible_maddrs()
         self._started = True
         self._publish(wait=True)
-        self.dht.keep_alive(self.dht.key("peers"), self.peer_id, self._record,
-                            self.cfg.record_ttl_s)
-        log.info("peer %s up: data plane %s, DHT %s", self.peer_id, self.me.endpoint,
-                 self.visible_maddrs)
+        self.dht.keep_alive(
+            self.dht.key("peers"), self.peer_id, self._record, self.cfg.record_ttl_s
+        )
+        log.info(
+            "peer %s up: data plane %s, DHT %s", self.peer_id, self.me.endpoint, self.visible_maddrs
+        )
 
     def shutdown(self) -> None:
         """Leave any round in progress, close sockets, stop the DHT and its p2pd child.
@@ -123,8 +119,16 @@ class Swarm:
 
     # ---- the round ----------------------------------------------------------------------
 
-    def all_reduce(self, local: Encoded, weight: float, *, arch_epoch: int, step: int,
-                   params_hash: str, vote: dict | None = None) -> AllReduceResult:
+    def all_reduce(
+        self,
+        local: Encoded,
+        weight: float,
+        *,
+        arch_epoch: int,
+        step: int,
+        params_hash: str,
+        vote: dict | None = None,
+    ) -> AllReduceResult:
         """Weighted mean of `local` over a group of live peers at (arch_epoch, step)."""
         if not self._started:
             raise RuntimeError("Swarm.start() first")
@@ -136,8 +140,16 @@ class Swarm:
             opt_vote({"vote": vote})
         except Malformed as e:
             raise ValueError(f"invalid vote: {e}") from None
-        req = RoundRequest(arch_epoch, step, float(weight), params_hash, local.numel,
-                           local.codec, local.block_size, vote)
+        req = RoundRequest(
+            arch_epoch,
+            step,
+            float(weight),
+            params_hash,
+            local.numel,
+            local.codec,
+            local.block_size,
+            vote,
+        )
         with self._lock:
             return self._all_reduce(local, req)
 
@@ -151,21 +163,39 @@ class Swarm:
             try:
                 group = self.matchmaker.form(req, attempt, deadline)
                 formed = time.monotonic()
+                log.debug(
+                    "step %d: group of %d formed after %.3fs (attempt %d, leader %s)",
+                    req.step,
+                    len(group.members),
+                    formed - t0,
+                    group.attempt,
+                    group.leader.peer_id,
+                )
                 self._set_in_round((req.epoch, req.step, group.attempt))
                 mean = self.runner.run(group, local, deadline)
             except RoundAborted as e:
                 why, attempt = str(e), max(e.next_attempt, attempt + 1)
-                log.info("step %d: attempt failed (%s); retrying at attempt %d", req.step,
-                         why, attempt)
+                log.info(
+                    "step %d: attempt failed (%s); retrying at attempt %d", req.step, why, attempt
+                )
                 continue
             finally:
                 self._set_in_round(None)
             return self._committed(req, group, mean, (t0, formed), sent0, recv0)
-        raise RoundFailed(f"no round committed for epoch {req.epoch} step {req.step} within "
-                          f"{self.cfg.round_timeout_s}s after {attempt} attempts: {why}")
+        raise RoundFailed(
+            f"no round committed for epoch {req.epoch} step {req.step} within "
+            f"{self.cfg.round_timeout_s}s after {attempt} attempts: {why}"
+        )
 
-    def _committed(self, req: RoundRequest, g: Group, mean: torch.Tensor,
-                   times: tuple[float, float], sent0: int, recv0: int) -> AllReduceResult:
+    def _committed(
+        self,
+        req: RoundRequest,
+        g: Group,
+        mean: torch.Tensor,
+        times: tuple[float, float],
+        sent0: int,
+        recv0: int,
+    ) -> AllReduceResult:
         end = time.monotonic()
         vote = tally([m.vote for m in g.members], self.cfg.quorum, self.cfg.min_peers)
         self._last_round = req.step
@@ -176,17 +206,29 @@ class Swarm:
         # could need it (after a phase timeout) the DHT has long stored it.
         self._publish(wait=False)
         if vote is not None and g.leader.peer_id == self.peer_id:
-            entry = HistoryEntry(req.epoch, req.step, vote, vote_hash(vote),
-                                 tuple(m.peer_id for m in g.members), self.peer_id)
-            self.dht.store(self.dht.key("history"), f"{req.epoch}", entry.to_dict(),
-                           ttl_s=30 * 24 * 3600.0)
+            entry = HistoryEntry(
+                req.epoch,
+                req.step,
+                vote,
+                vote_hash(vote),
+                tuple(m.peer_id for m in g.members),
+                self.peer_id,
+            )
+            self.dht.store(
+                self.dht.key("history"), f"{req.epoch}", entry.to_dict(), ttl_s=30 * 24 * 3600.0
+            )
         return AllReduceResult(
-            mean=mean, members=[m.peer_id for m in g.members],
+            mean=mean,
+            members=[m.peer_id for m in g.members],
             bytes_sent=self.transport.bytes_sent - sent0,
             bytes_recv=self.transport.bytes_recv - recv0,
-            seconds=end - times[0], data_seconds=end - times[1],
-            committed_vote=vote, attempts=g.attempt + 1,
-            leader=g.leader.peer_id, round_id=g.rid)
+            seconds=end - times[0],
+            data_seconds=end - times[1],
+            committed_vote=vote,
+            attempts=g.attempt + 1,
+            leader=g.leader.peer_id,
+            round_id=g.rid,
+        )
 
     # ---- DHT records --------------------------------------------------------------------
 
@@ -227,9 +269,18 @@ class Swarm:
         return self.transport.dropped
 
     def _record(self) -> dict:
-        return PeerRecord(self.peer_id, self.me.endpoint, self.me.curve_key, self._epoch,
-                          self._last_round, self._in_round, time.time(), self._state[0],
-                          self._state[1], self._info).to_dict()
+        return PeerRecord(
+            self.peer_id,
+            self.me.endpoint,
+            self.me.curve_key,
+            self._epoch,
+            self._last_round,
+            self._in_round,
+            time.time(),
+            self._state[0],
+            self._state[1],
+            self._info,
+        ).to_dict()
 
     def _set_in_round(self, value: tuple[int, int, int] | None) -> None:
         if value != self._in_round:
@@ -239,5 +290,6 @@ class Swarm:
             self._publish(wait=False)
 
     def _publish(self, wait: bool) -> None:
-        self.dht.store(self.dht.key("peers"), self.peer_id, self._record(),
-                       self.cfg.record_ttl_s, wait=wait)
+        self.dht.store(
+            self.dht.key("peers"), self.peer_id, self._record(), self.cfg.record_ttl_s, wait=wait
+        )

@@ -43,8 +43,9 @@ class Envelope:
 
 
 class Transport:
-    def __init__(self, host: str, port: int, announce_host: str | None,
-                 max_frame_bytes: int) -> None:
+    def __init__(
+        self, host: str, port: int, announce_host: str | None, max_frame_bytes: int
+    ) -> None:
         self.host, self.port, self.announce_host = host, port, announce_host
         self.max_frame_bytes = max_frame_bytes
         self.bytes_sent = 0
@@ -83,15 +84,21 @@ class Transport:
     def endpoint(self) -> str:
         return f"tcp://{self.announce_host or self.host}:{self._bound_port}"
 
-    def send(self, endpoint: str, server_key: str, header: dict,
-             payload: bytes | memoryview | None = None) -> bool:
+    def send(
+        self,
+        endpoint: str,
+        server_key: str,
+        header: dict,
+        payload: bytes | memoryview | None = None,
+    ) -> bool:
         """Queue one message for a peer without blocking; False if its queue is full."""
         frames: list = [pack_message(header)]
         if payload is not None:
             frames.append(payload)
         try:
-            self._dealer(endpoint, server_key).send_multipart(frames, flags=zmq.NOBLOCK,
-                                                              copy=payload is None)
+            self._dealer(endpoint, server_key).send_multipart(
+                frames, flags=zmq.NOBLOCK, copy=payload is None
+            )
         except zmq.Again:
             # A stalled peer whose queue is full: the round will time out on it anyway.
             log.warning("send queue to %s is full; message %s dropped", endpoint, header["t"])

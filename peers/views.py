@@ -28,10 +28,13 @@ class SwarmView:
     def announce_key(self, epoch: int, step: int) -> str:
         return self.dht.key("round", epoch, step)
 
-    def announcements(self, epoch: int, step: int, mine: Announcement | None = None
-                      ) -> dict[str, Announcement]:
-        anns = {a.peer_id: a for a in self.dht.fetch(self.announce_key(epoch, step),
-                                                      Announcement.from_dict)}
+    def announcements(
+        self, epoch: int, step: int, mine: Announcement | None = None
+    ) -> dict[str, Announcement]:
+        anns = {
+            a.peer_id: a
+            for a in self.dht.fetch(self.announce_key(epoch, step), Announcement.from_dict)
+        }
         if mine is not None:
             anns[mine.peer_id] = mine  # our own write may not be readable yet
         return anns
@@ -42,13 +45,19 @@ class SwarmView:
         Returns the records it read, for callers that need the live set too.
         """
         recs = self.peers()
-        ahead = [r for r in recs if r.peer_id != self.me and (
-            r.arch_epoch > epoch or (r.arch_epoch == epoch and r.last_round >= step))]
+        ahead = [
+            r
+            for r in recs
+            if r.peer_id != self.me
+            and (r.arch_epoch > epoch or (r.arch_epoch == epoch and r.last_round >= step))
+        ]
         if ahead:
             best = max(ahead, key=lambda r: (r.arch_epoch, r.last_round))
-            raise NeedResync(f"peer {best.peer_id} is at epoch {best.arch_epoch} step "
-                             f"{best.last_round}; we are at epoch {epoch} step {step}",
-                             best.public())
+            raise NeedResync(
+                f"peer {best.peer_id} is at epoch {best.arch_epoch} step "
+                f"{best.last_round}; we are at epoch {epoch} step {step}",
+                best.public(),
+            )
         return recs
 
     def busy_without_us(self, epoch: int, step: int, attempt: int, joined: set[str]) -> bool:
@@ -56,6 +65,11 @@ class SwarmView:
 
         Flags of earlier attempts are ignored: they belong to aborted rounds (or dead peers).
         """
-        return any(r.in_round is not None and r.in_round[:2] == (epoch, step)
-                   and r.in_round[2] >= attempt and r.peer_id not in joined
-                   and r.peer_id != self.me for r in self.peers())
+        return any(
+            r.in_round is not None
+            and r.in_round[:2] == (epoch, step)
+            and r.in_round[2] >= attempt
+            and r.peer_id not in joined
+            and r.peer_id != self.me
+            for r in self.peers()
+        )

@@ -72,25 +72,48 @@ def main() -> None:
     ap.add_argument("--max-frame-bytes", type=int, default=256 << 20)
     ap.add_argument("--fault", default=None, help="STEP:PHASE (after_parts, after_reduce, ...)")
     ap.add_argument("--out", default=None, help="directory for <seed>_<step>.npy results")
-    ap.add_argument("--vote-step", type=int, action="append", default=[],
-                    help="vote for GROW at this step (repeatable)")
-    ap.add_argument("--bad-hash-step", type=int, default=-1,
-                    help="claim a wrong θ_g hash at this step (expect NeedResync)")
+    ap.add_argument(
+        "--vote-step",
+        type=int,
+        action="append",
+        default=[],
+        help="vote for GROW at this step (repeatable)",
+    )
+    ap.add_argument(
+        "--bad-hash-step",
+        type=int,
+        default=-1,
+        help="claim a wrong θ_g hash at this step (expect NeedResync)",
+    )
     ap.add_argument("--linger", type=float, default=1.0, help="seconds to stay up at the end")
     args = ap.parse_args()
-    logging.basicConfig(level=os.environ.get("SWARM_LOG", "INFO"), stream=sys.stderr,
-                        format=f"[seed {args.seed}] %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=os.environ.get("SWARM_LOG", "INFO"),
+        stream=sys.stderr,
+        format=f"[seed {args.seed}] %(levelname)s %(name)s: %(message)s",
+    )
     torch.set_num_threads(1)
 
-    cfg = SwarmConfig(run=args.run, initial_peers=tuple(args.join),
-                      matchmaking_s=args.matchmaking_s, phase_timeout_s=args.phase_timeout,
-                      round_timeout_s=args.round_timeout, min_peers=args.min_peers,
-                      max_frame_bytes=args.max_frame_bytes)
+    cfg = SwarmConfig(
+        run=args.run,
+        initial_peers=tuple(args.join),
+        matchmaking_s=args.matchmaking_s,
+        phase_timeout_s=args.phase_timeout,
+        round_timeout_s=args.round_timeout,
+        min_peers=args.min_peers,
+        max_frame_bytes=args.max_frame_bytes,
+    )
     swarm = Swarm(cfg, hook=fault_hook(args.fault))
     swarm.start()
     try:
-        emit(event="ready", maddr=swarm.visible_maddrs[0], peer_id=swarm.peer_id,
-             endpoint=swarm.me.endpoint, curve_key=swarm.me.curve_key, pid=os.getpid())
+        emit(
+            event="ready",
+            maddr=swarm.visible_maddrs[0],
+            peer_id=swarm.peer_id,
+            endpoint=swarm.me.endpoint,
+            curve_key=swarm.me.curve_key,
+            pid=os.getpid(),
+        )
         until = time.monotonic() + 60
         while len(swarm.list_peers()) < args.wait_peers and time.monotonic() < until:
             time.sleep(0.2)
@@ -101,8 +124,9 @@ def main() -> None:
             claimed = "forged" if step == args.bad_hash_step else params_hash
             vote = GROW if step in args.vote_step else None
             try:
-                res = swarm.all_reduce(enc, args.weight, arch_epoch=epoch, step=step,
-                                       params_hash=claimed, vote=vote)
+                res = swarm.all_reduce(
+                    enc, args.weight, arch_epoch=epoch, step=step, params_hash=claimed, vote=vote
+                )
             except (NeedResync, RoundFailed) as e:
                 emit(event="error", step=step, kind=type(e).__name__, msg=str(e))
                 break
@@ -111,10 +135,19 @@ def main() -> None:
             params_hash = hashlib.sha256(res.mean.numpy().tobytes()).hexdigest()
             if args.out:
                 np.save(os.path.join(args.out, f"{args.seed}_{step}.npy"), res.mean.numpy())
-            emit(event="round", step=step, sha256=params_hash, members=res.members,
-                 bytes_sent=res.bytes_sent, bytes_recv=res.bytes_recv, attempts=res.attempts,
-                 seconds=round(res.seconds, 3), leader=res.leader,
-                 committed=res.committed_vote, epoch=epoch)
+            emit(
+                event="round",
+                step=step,
+                sha256=params_hash,
+                members=res.members,
+                bytes_sent=res.bytes_sent,
+                bytes_recv=res.bytes_recv,
+                attempts=res.attempts,
+                seconds=round(res.seconds, 3),
+                leader=res.leader,
+                committed=res.committed_vote,
+                epoch=epoch,
+            )
             swarm.publish_progress({"step": step, "params_hash": params_hash})
         time.sleep(args.linger)  # let a slower member receive our last COMMIT
         emit(event="done", dropped=swarm.dropped_frames, history=swarm.growth_history())

@@ -29,9 +29,22 @@ def _parse(h: dict, payload: bytes | None = None, key: str = KEY):
 
 
 def _join(**over: object) -> dict:
-    h = header("JOIN", "run", 0, 3, 0, "ab" * 10, endpoint="tcp://127.0.0.1:5555",
-               curve_key=KEY, weight=2.0, params_hash="h", numel=1000, codec="int8",
-               block_size=256, vote=None)
+    h = header(
+        "JOIN",
+        "run",
+        0,
+        3,
+        0,
+        "ab" * 10,
+        endpoint="tcp://127.0.0.1:5555",
+        curve_key=KEY,
+        weight=2.0,
+        params_hash="h",
+        numel=1000,
+        codec="int8",
+        block_size=256,
+        vote=None,
+    )
     h.update(over)
     return h
 
@@ -58,13 +71,16 @@ def test_join_parses_and_must_match_the_authenticated_key():
         _parse(_join(), key="B" * 40)
 
 
-@pytest.mark.parametrize("over,match", [
-    ({"t": "EVIL"}, "unknown message kind"),
-    ({"run": "other"}, "another run"),
-    ({"step": "3"}, "field 'step'"),
-    ({"weight": math.inf}, "field 'weight'"),
-    ({"endpoint": "ipc:///x"}, "field 'endpoint'"),
-])
+@pytest.mark.parametrize(
+    "over,match",
+    [
+        ({"t": "EVIL"}, "unknown message kind"),
+        ({"run": "other"}, "another run"),
+        ({"step": "3"}, "field 'step'"),
+        ({"weight": math.inf}, "field 'weight'"),
+        ({"endpoint": "ipc:///x"}, "field 'endpoint'"),
+    ],
+)
 def test_bad_headers_are_rejected_with_the_reason(over, match):
     with pytest.raises(Malformed, match=match):
         _parse(_join(**over))
@@ -72,10 +88,24 @@ def test_bad_headers_are_rejected_with_the_reason(over, match):
 
 def test_begin_members_must_be_sorted_and_unique():
     mem = {"endpoint": "tcp://127.0.0.1:1", "weight": 1.0, "vote": None}
-    members = [{**mem, "peer_id": "bb" * 10, "curve_key": "B" * 40},
-               {**mem, "peer_id": "aa" * 10, "curve_key": "C" * 40}]
-    h = header("BEGIN", "run", 0, 0, 0, "aa" * 10, rid="00" * 8, members=members,
-               params_hash="h", numel=10, codec="int8", block_size=256)
+    members = [
+        {**mem, "peer_id": "bb" * 10, "curve_key": "B" * 40},
+        {**mem, "peer_id": "aa" * 10, "curve_key": "C" * 40},
+    ]
+    h = header(
+        "BEGIN",
+        "run",
+        0,
+        0,
+        0,
+        "aa" * 10,
+        rid="00" * 8,
+        members=members,
+        params_hash="h",
+        numel=10,
+        codec="int8",
+        block_size=256,
+    )
     with pytest.raises(Malformed, match="sorted"):
         _parse(h)
     h["members"] = members[::-1]
@@ -93,9 +123,18 @@ def test_shard_frames_are_validated_on_arrival():
         _parse(_part())
     with pytest.raises(Malformed, match="shard frame"):
         _parse(_part(), pack(enc)[:-5])  # truncated
-    nan = msgpack.packb({"v": 1, "codec": "int8", "shape": [256], "dtype": "float32",
-                         "block": 256, "scales": struct.pack("<f", math.nan),
-                         "payload": bytes(256)}, use_bin_type=True)
+    nan = msgpack.packb(
+        {
+            "v": 1,
+            "codec": "int8",
+            "shape": [256],
+            "dtype": "float32",
+            "block": 256,
+            "scales": struct.pack("<f", math.nan),
+            "payload": bytes(256),
+        },
+        use_bin_type=True,
+    )
     with pytest.raises(Malformed, match="NaN"):
         _parse(_part(), nan)
     with pytest.raises(Malformed, match="1-D"):
@@ -133,17 +172,20 @@ def test_majority_state_prefers_the_majority_then_the_leader():
 
 
 def test_records_round_trip_and_reject_garbage():
-    rec = PeerRecord("ab" * 10, "tcp://127.0.0.1:1", KEY, 1, 5, (1, 6, 0), 1.0,
-                     info={"loss": 2.5, "step": 5})
+    rec = PeerRecord(
+        "ab" * 10, "tcp://127.0.0.1:1", KEY, 1, 5, (1, 6, 0), 1.0, info={"loss": 2.5, "step": 5}
+    )
     assert PeerRecord.from_dict(rec.to_dict()) == rec
     assert rec.public()["loss"] == 2.5 and rec.public()["arch_epoch"] == 1
     with pytest.raises(Malformed):
         PeerRecord.from_dict({**rec.to_dict(), "info": {"x": [1, 2]}})
-    ann = Announcement("ab" * 10, "tcp://127.0.0.1:1", KEY, 0, 1.0, "h", 10, "int8", 256,
-                       {"kind": "depth"})
+    ann = Announcement(
+        "ab" * 10, "tcp://127.0.0.1:1", KEY, 0, 1.0, "h", 10, "int8", 256, {"kind": "depth"}
+    )
     assert Announcement.from_dict(ann.to_dict()) == ann
-    ev = HistoryEntry(0, 7, {"kind": "depth"}, vote_hash({"kind": "depth"}), ("ab" * 10,),
-                      "ab" * 10)
+    ev = HistoryEntry(
+        0, 7, {"kind": "depth"}, vote_hash({"kind": "depth"}), ("ab" * 10,), "ab" * 10
+    )
     assert HistoryEntry.from_dict(ev.to_dict()) == ev
 
 

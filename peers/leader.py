@@ -1,0 +1,143 @@
+"""The leader's half of matchmaking: collect JOINs, freeze the group, agree on θ_g, BEGIN.
+
+The leader (lowest peer id among the announcers of an attempt) waits for the announcers it
+saw, for at most one more matchmaking window. If someone is missing it looks at the DHT again:
+a lower id that appeared meanwhile takes over (REDIRECT), and a group already averaging our
+step without us means we wait for its outcome instead of forming a rival group. Joiners
+whose θ_g hash is not the majority's get RESYNC; if the leader itself is in the minority it
+tells everyone to RETRY without it and resyncs. Everyone else gets BEGIN with the member list
+(endpoints, CURVE keys, weights and votes), which every member then uses verbatim.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+
+from peers.config import SwarmConfig
+from peers.consensus import majority_state
+from peers.errors import NeedResync, RoundAborted
+from peers.group import Group, RoundRequest
+from peers.mailbox import Mailbox
+from peers.messages import Member, Msg
+from peers.records import Announcement
+from peers.views import SwarmView
+
+log = logging.getLogger(__name__)
+
+
+class Leader:
+    def __init__(self, cfg: SwarmConfig, mb: Mailbox, view: SwarmView, me: Member) -> None:
+        self.cfg, self.mb, self.view, self.me = cfg, mb, view, me
+
+    def lead(
+        self,
+        req: RoundRequest,
+        ann: Announcement,
+        anns: dict[str, Announcement],
+        deadline: float,
+        complete: bool,
+    ) -> Group | Member | None:
+        """The frozen group; or a lower-id leader to follow instead; or None if a group is
+        already averaging our step without us (the caller then waits for its outcome)."""
+        attempt = ann.attempt
+        joined: dict[str, Announcement] = {self.me.peer_id: ann}
+        grace = min(deadline, time.monotonic() + self.cfg.matchmaking_s)
+        expected = {pid for pid, a in anns.items() if a.attempt == attempt}
+        while not expected <= set(joined):
+            msg = self.mb.get(
+                grace, lambda m: m.kind == "JOIN" and (m.epoch, m.step) == (req.epoch, req.step)
+            )
+            if msg is None:
+                break
+            self._on_join(msg, req, joined)
+        if not (complete and expected <= set(joined)):
+            # Someone is missing: look again. A lower id may have appeared (then it leads),
+            # or a group may be averaging our step without us (then wait for its outcome).
+            anns = self.view.announcements(req.epoch, req.step, ann)
+            lower = sorted(
+                pid for pid, a in anns.items() if a.attempt == attempt and pid < self.me.peer_id
+            )
+            if lower:
+                a = anns[lower[0]]
+                new = Member(a.peer_id, a.endpoint, a.curve_key, 0.0)
+                self._tell(joined, "REDIRECT", leader=new.to_dict())
+                return new
+            if self.view.busy_without_us(req.epoch, req.step, attempt, set(joined)):
+                self._tell(joined, "RETRY", attempt=attempt + 1)
+                return None
+        for pid in list(joined):  # a JOIN must not contradict its signed DHT announcement
+            seen = anns.get(pid)
+            if seen is not None and seen.curve_key != joined[pid].curve_key:
+                log.warning("JOIN from %s does not match its DHT announcement; ignored", pid)
+                del joined[pid]
+        states = {pid: (a.params_hash, a.numel) for pid, a in joined.items()}
+        majority = majority_state(states, self.me.peer_id)
+        if states[self.me.peer_id] != majority:
+            holder = min(pid for pid, s in states.items() if s == majority)
+            self._tell(joined, "RETRY", attempt=attempt + 1)
+            raise NeedResync(
+                f"the majority of joiners hold θ_g {majority[0]}, not ours",
+                self.view.record_of(holder),
+            )
+        for pid in [pid for pid, s in states.items() if s != majority]:
+            self._reply_to(
+                joined.pop(pid),
+                "RESYNC",
+                params_hash=majority[0],
+                reason="θ_g hash differs from the group majority",
+            )
+        if len(joined) < self.cfg.min_peers:
+            self._tell(joined, "RETRY", attempt=attempt + 1)
+            raise RoundAborted(
+                f"only {len(joined)} of min_peers={self.cfg.min_peers} joined",
+                next_attempt=attempt + 1,
+            )
+        members = tuple(
+            Member(a.peer_id, a.endpoint, a.curve_key, a.weight, a.vote)
+            for _, a in sorted(joined.items())
+        )
+        rid = secrets.token_hex(8)
+        self._tell(
+            joined,
+            "BEGIN",
+            rid=rid,
+            members=[m.to_dict() for m in members],
+            params_hash=req.params_hash,
+            numel=req.numel,
+            codec=req.codec,
+            block_size=req.block_size,
+        )
+        me = next(m for m in members if m.peer_id == self.me.peer_id)
+        return Group(rid, req.epoch, req.step, attempt, me, members, req.params_hash)
+
+    def _on_join(self, msg: Msg, req: RoundRequest, joined: dict[str, Announcement]) -> None:
+        a: Announcement = msg.body["ann"]
+        attempt = self.mb.scope[2]
+        if msg.attempt < attempt:
+            self.reply(msg, "RETRY", attempt=attempt)
+        elif msg.attempt > attempt:
+            self._tell(joined, "RETRY", attempt=msg.attempt)
+            raise RoundAborted(f"{a.peer_id} is at attempt {msg.attempt}", next_attempt=msg.attempt)
+        elif (a.codec, a.block_size) != (req.codec, req.block_size):
+            self.reply(msg, "REJECT", reason=f"codec {req.codec}/{req.block_size} required")
+        elif a.peer_id != self.me.peer_id:
+            joined[a.peer_id] = a
+
+    def reply(self, msg: Msg, kind: str, **body: object) -> None:
+        """Answer a JOIN (the only message that carries an address to answer to)."""
+        a = msg.body.get("ann")
+        if a is not None:  # only JOINs carry an address we can answer to
+            body.setdefault("attempt", msg.attempt)  # so the joiner knows it is current
+            self._reply_to(a, kind, **body)
+
+    def _reply_to(
+        self, a: Announcement, kind: str, attempt: int | None = None, **body: object
+    ) -> None:
+        self.mb.send(a.endpoint, a.curve_key, kind, attempt=attempt, **body)
+
+    def _tell(self, joined: dict[str, Announcement], kind: str, **body: object) -> None:
+        for pid, a in joined.items():
+            if pid != self.me.peer_id:
+                self._reply_to(a, kind, **body)
