@@ -71,7 +71,7 @@ def main() -> None:
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
         futures = [pool.submit(run_arm, name, base, H, c, steps, args.workers, work,
                                args.outer_lr) for name, H, c in arms]
-        results = [f.result() for f in futures]
+        results = [f.result() for f in futures]  # an arm's failure is a bug: let it raise
     sync = results[0]
     print(json.dumps(sync), flush=True)
     for r in results[1:]:
