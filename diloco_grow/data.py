@@ -13,9 +13,13 @@ import hashlib
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from diloco_grow.config import RunConfig
 
 TEXT_SUFFIXES = (".py", ".txt", ".md", ".rst", ".toml", ".json", ".c", ".h", ".cfg")
 # The embedded corpus is ~30 MB; cap what a user folder can pull into memory.
@@ -118,6 +122,21 @@ class BatchStream:
         if hi - lo < seq_len + 2:
             raise ValueError(f"worker {worker}'s shard has {hi - lo} tokens; need > seq_len")
         self.lo, self.hi = lo, hi
+
+    @classmethod
+    def for_worker(
+        cls, corpus: Corpus, cfg: RunConfig, worker: int = 0, n_workers: int = 1
+    ) -> BatchStream:
+        """The stream of worker `worker` of `n_workers` under a run configuration."""
+        return cls(
+            corpus,
+            seq_len=cfg.model.seq_len,
+            batch_size=cfg.inner.batch_size,
+            seed=cfg.seed,
+            worker=worker,
+            n_workers=n_workers,
+            mode=cfg.data.mode,
+        )
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
         rng = np.random.default_rng([self.seed, self.worker, self.position])

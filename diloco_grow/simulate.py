@@ -173,18 +173,7 @@ def train_sync(cfg: RunConfig, spec: SimSpec, corpus: Corpus | None = None) -> d
     torch.manual_seed(cfg.seed)
     model = MoETransformer(cfg.model).to(spec.device)
     opt = make_optimizer(model, cfg.inner)
-    streams = [
-        BatchStream(
-            corpus,
-            seq_len=cfg.model.seq_len,
-            batch_size=cfg.inner.batch_size,
-            seed=cfg.seed,
-            worker=w,
-            n_workers=M,
-            mode=cfg.data.mode,
-        )
-        for w in range(M)
-    ]
+    streams = [BatchStream.for_worker(corpus, cfg, w, M) for w in range(M)]
     n_params = sum(p.numel() for p in model.parameters())
     # A ring all-reduce of fp32 gradients sends 2·(M−1)/M·N·4 bytes per worker per step.
     bytes_per_step = int(2 * (M - 1) / M * n_params * 4) if M > 1 else 0

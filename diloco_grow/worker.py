@@ -81,15 +81,7 @@ class Worker:
     ) -> None:
         self.cfg, self.device = cfg, device
         self.model = self._model_at(g)
-        stream = BatchStream(
-            corpus,
-            seq_len=cfg.model.seq_len,
-            batch_size=cfg.inner.batch_size,
-            seed=cfg.seed,
-            worker=worker,
-            n_workers=n_workers,
-            mode=cfg.data.mode,
-        )
+        stream = BatchStream.for_worker(corpus, cfg, worker, n_workers)
         self.inner = InnerTrainer(self.model, cfg.inner, stream, total_inner_steps, device)
         codec = make_codec(cfg.outer.compression, cfg.outer.block_size)
         self.feedback = ErrorFeedback(codec) if cfg.outer.error_feedback else None

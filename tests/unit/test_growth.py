@@ -25,15 +25,6 @@ SHARED = dataclasses.replace(TINY, shared_expert=True)
 EXPERT_KEYS = ("w_router_ED", "w_gate_EFD", "w_up_EFD", "w_down_EDF")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: extra intra-op threads only fight other processes on a shared box.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _model(cfg: ModelConfig = TINY, seed: int = 0) -> MoETransformer:
     torch.manual_seed(seed)
     return MoETransformer(cfg)

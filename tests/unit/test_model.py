@@ -22,15 +22,6 @@ from diloco_grow.model import (
 TINY = PRESETS["tiny"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: extra intra-op threads only fight other processes on a shared box.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _model(cfg: ModelConfig = TINY, seed: int = 0) -> MoETransformer:
     torch.manual_seed(seed)
     return MoETransformer(cfg)
