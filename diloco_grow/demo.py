@@ -186,7 +186,7 @@ def summarize(out: Path, n_peers: int) -> dict[str, Any]:
     }
     if metrics:
         summary["plot"] = str(
-            plot_runs(metrics, out / "loss.png", [p.parent.name for p in metrics])
+            plot_runs(metrics, out / "loss.png", [p.parent.name for p in metrics], x="step")
         )
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

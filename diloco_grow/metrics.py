@@ -36,8 +36,11 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     return out
 
 
-def plot_runs(paths: list[str | Path], out: str | Path, labels: list[str] | None = None) -> Path:
-    """Validation loss against tokens (left) and bytes sent per worker (right)."""
+def plot_runs(
+    paths: list[str | Path], out: str | Path, labels: list[str] | None = None, x: str = "tokens"
+) -> Path:
+    """Validation loss against `x` (left: "tokens" or "step") and bytes sent per worker
+    (right). Peers of one swarm share steps, not token counts, so the demo plots steps."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -49,16 +52,15 @@ def plot_runs(paths: list[str | Path], out: str | Path, labels: list[str] | None
         if not recs:
             continue
         label = labels[i] if labels and i < len(labels) else str(Path(p).parent.name or p)
-        tokens = [r["tokens"] for r in recs]
-        loss = [r["val_loss"] for r in recs]
-        ax_t.plot(tokens, loss, label=label)
-        sent = [r.get("bytes_sent_per_worker", 0) for r in recs]
-        if any(b > 0 for b in sent):
-            ax_b.plot([max(b, 1) for b in sent], loss, label=label)
+        ax_t.plot([r[x] for r in recs], [r["val_loss"] for r in recs], label=label)
+        sent = [(r.get("bytes_sent_per_worker", 0), r["val_loss"]) for r in recs]
+        sent = [(b, v) for b, v in sent if b > 0]  # a log axis has no place for 0 bytes
+        if sent:
+            ax_b.plot(*zip(*sent, strict=True), label=label)
         for r in read_jsonl(p):
-            if "event" in r and r.get("tokens") is not None:
-                ax_t.axvline(r["tokens"], color="grey", lw=0.6, ls="--")
-    ax_t.set_xlabel("tokens (all workers)")
+            if "event" in r and r.get(x) is not None:
+                ax_t.axvline(r[x], color="grey", lw=0.6, ls="--")  # a growth event
+    ax_t.set_xlabel("tokens (all workers)" if x == "tokens" else "outer step")
     ax_b.set_xlabel("bytes sent per worker")
     ax_b.set_xscale("log")
     for ax in (ax_t, ax_b):
