@@ -13,6 +13,7 @@ import faulthandler
 import logging
 import multiprocessing
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -348,7 +349,8 @@ class PeerApp:
             if obj is None:
                 continue
             try:
-                {"metrics": obj.close, "swarm": obj.shutdown}.get(part, obj.stop)()
+                stop = {"metrics": "close", "swarm": "shutdown"}.get(part, "stop")
+                getattr(obj, stop)()
             except Exception as e:
                 log.warning("error stopping %s: %s", part, e)
         reap_children()
@@ -378,7 +380,16 @@ def run_peer(cfg: RunConfig, opts: PeerOptions) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: app.stopping.set())
     try:
-        maddr = app.start()
+        try:
+            maddr = app.start()
+        except Exception as e:  # a bad multiaddr, an unreachable swarm, a busy port
+            log.debug("start-up failed", exc_info=True)
+            print(
+                f"error: could not start the peer: {e}\n  check --join (the multiaddr from a "
+                "live peer's `ready` line), --host/--port and the network",
+                file=sys.stderr,
+            )
+            raise SystemExit(2) from None
         print(f"ready {maddr}", flush=True)
         app.run()
     finally:
