@@ -74,7 +74,6 @@ class PeerApp:
             batch_size=cfg.inner.batch_size,
             n_batches=cfg.data.val_batches,
         )
-        self.state_blob: tuple[dict, bytes] | None = None
         self.last_inner_s = 0.0
         self.catch_up = False  # set when θ_g was just downloaded
         self.stats: dict[str, Any] = {
@@ -120,7 +119,6 @@ class PeerApp:
         self.worker = Worker(self.cfg, self.g, self.corpus, worker=worker_id, device=o.device)
         self._restore_private()
         self.averager = NetworkAverager(self.swarm, lambda: self.g.arch_epoch)
-        self._refresh_state_blob()
         self.metrics = MetricsWriter(Path(o.out_dir) / "metrics.jsonl", append=True)
         self._publish()
         return self.swarm.visible_maddrs[0]
@@ -238,7 +236,6 @@ class PeerApp:
         with self.lock:
             self.g = g
             self.worker.resync(g)
-            self._refresh_state_blob()
 
     def _after_round(self, res: Any, inner: Any, event: GrowthEvent | None) -> None:
         g = self.g
@@ -248,8 +245,6 @@ class PeerApp:
             assign_flat(model, g.theta)
             val_loss = evaluate(model, self.val)
             self.stats["val_loss"] = val_loss
-        with self.lock:
-            self._refresh_state_blob()
         h = g.hash()
         record = {
             "step": g.step,
@@ -288,27 +283,16 @@ class PeerApp:
             ckpt.save_checkpoint(self._ckpt_file(), g, [self.worker], {})
 
     # --- serving others -------------------------------------------------------------
-    def _refresh_state_blob(self) -> None:
-        """Called under the lock right after θ_g changes; the server thread only reads it."""
-        tensors, meta = ckpt.global_tensors_meta(self.g)
-        blob = ckpt.pack_state(tensors, meta)
-        self.state_blob = (
-            {
-                "step": self.g.step,
-                "arch_epoch": self.g.arch_epoch,
-                "params_hash": self.g.hash(),
-                "served_at": time.time(),
-                "inner_s": self.last_inner_s,
-            },
-            blob,
-        )
-
     def _provide_state(self) -> tuple[dict, bytes]:
+        """Runs on the state server's thread, only when a joiner asks: serialising θ_g
+        under the lock gives it a consistent copy without costing every round a copy."""
         with self.lock:
-            if self.state_blob is None:
+            g = getattr(self, "g", None)
+            if g is None:
                 raise RuntimeError("this peer is still starting and has no state to serve yet")
-            meta, blob = self.state_blob
-            return {**meta, "age_s": time.time() - meta["served_at"]}, blob
+            tensors, meta = ckpt.global_tensors_meta(g)
+            info = {"step": g.step, "arch_epoch": g.arch_epoch, "params_hash": g.hash()}
+            return info, ckpt.pack_state(tensors, meta)
 
     def _status(self) -> dict[str, Any]:
         return {
