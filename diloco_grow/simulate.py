@@ -1,7 +1,7 @@
 """In-process swarm: M DiLoCo workers in one process, for research and fast tests.
 
-The loop below is the whole algorithm; the networked peer (peer.py) runs the same
-steps with a network Averager instead of LocalAverager.
+The loop below is the whole algorithm; the round itself is `loop.outer_round`, which the
+networked peer (peer.py) calls too, with a network Averager instead of LocalAverager.
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ from diloco_grow.config import RunConfig
 from diloco_grow.data import BatchStream, Corpus, load_corpus, val_batches
 from diloco_grow.growth import GrowthEvent
 from diloco_grow.local_averager import LocalAverager
+from diloco_grow.loop import outer_round
 from diloco_grow.metrics import MetricsWriter, read_jsonl
-from diloco_grow.model import MoETransformer
+from diloco_grow.model import ModelConfig, MoETransformer
 from diloco_grow.outer import assign_flat
 from diloco_grow.train import evaluate, lr_at, make_optimizer
 from diloco_grow.worker import GlobalState, Worker
@@ -41,8 +42,12 @@ class SimSpec:
 
 
 def _val_loss(g: GlobalState, val: list, device: str) -> float:
-    model = MoETransformer(g.model_cfg)
-    assign_flat(model, g.theta)
+    return _val_loss_of(g.model_cfg, g.theta, val, device)
+
+
+def _val_loss_of(model_cfg: ModelConfig, theta: torch.Tensor, val: list, device: str) -> float:
+    model = MoETransformer(model_cfg)
+    assign_flat(model, theta)
     return evaluate(model.to(device), val, device)
 
 
@@ -89,39 +94,27 @@ def simulate(cfg: RunConfig, spec: SimSpec, corpus: Corpus | None = None) -> dic
         stats = [w.inner_phase(H) for w in workers]
         totals["tokens"] += sum(s.tokens for s in stats)
 
-        # --- outer step: average int8 pseudo-gradients, Nesterov on θ_g ------------------
-        contribs = [w.contribution(g) for w in workers]
-        result = averager.average(contribs, step=g.step, params_hash=g.hash())
-        g.outer_step(result.mean)
-        for w in workers:
-            w.sync_to(g)
-        totals["bytes_sent_per_worker"] += result.bytes_sent
-
-        # --- growth, at an outer-step boundary, identical for all workers ---------------
+        # --- outer round: average int8 pseudo-gradients, Nesterov, growth (loop.py) -------
+        out = outer_round(g, workers, averager, scheduled=schedule.get(g.step + 1))
+        totals["bytes_sent_per_worker"] += out.result.bytes_sent
         val_loss = _val_loss(g, val, spec.device)
-        if g.step in schedule:
-            event = schedule[g.step]
-            n_before = sum(p.numel() for p in workers[0].model.parameters())
-            index_map = g.grow(event)
-            for w in workers:
-                w.follow_growth(g, index_map)
-            val_after = _val_loss(g, val, spec.device)
+        if out.event is not None and out.pre_growth is not None:
+            val_before = _val_loss_of(*out.pre_growth, val, spec.device)
             metrics.write(
                 {
                     "step": g.step,
                     "tokens": totals["tokens"],
                     "event": {
-                        **event.to_dict(),
-                        "hash": event.hash(),
+                        **out.event.to_dict(),
+                        "hash": out.event.hash(),
                         "outer_step": g.step,
-                        "n_params_before": n_before,
-                        "n_params_after": int(g.theta.numel()),
-                        "val_loss_before": val_loss,
-                        "val_loss_after": val_after,
+                        "n_params_before": out.n_params_before,
+                        "n_params_after": out.n_params_after,
+                        "val_loss_before": val_before,
+                        "val_loss_after": val_loss,
                     },
                 }
             )
-            val_loss = val_after
 
         # --- metrics and checkpoint ------------------------------------------------------
         totals["wall_s"] = time.perf_counter() - t_start

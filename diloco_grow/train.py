@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -71,9 +72,12 @@ class InnerTrainer:
         self.opt = make_optimizer(self.model, self.cfg)
         self.warmup_from = self.step
 
-    def run(self, n_steps: int) -> InnerStats:
+    def run(self, n_steps: int, should_stop: Callable[[int], bool] | None = None) -> InnerStats:
+        """Up to `n_steps` AdamW steps; `should_stop(steps_done)` is asked after each one
+        (a swarm peer ends its phase when the swarm is ready, not only after H steps)."""
         self.model.train()
         loss_sum = ce_sum = 0.0
+        done = 0
         for _ in range(n_steps):
             lr = lr_at(self.cfg, self.step, self.total_steps, self.warmup_from)
             for g in self.opt.param_groups:
@@ -87,8 +91,16 @@ class InnerTrainer:
             self.step += 1
             loss_sum += out.loss.item()
             ce_sum += out.ce_loss.item()
-        tokens = n_steps * self.cfg.batch_size * self.stream.seq_len
-        return InnerStats(loss_sum / n_steps, ce_sum / n_steps, tokens, n_steps)
+            done += 1
+            if should_stop is not None and should_stop(done):
+                break
+        tokens = done * self.tokens_per_step
+        n = max(done, 1)
+        return InnerStats(loss_sum / n, ce_sum / n, tokens, done)
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.cfg.batch_size * self.stream.seq_len
 
     def state_dict(self) -> dict:
         return {

@@ -4,6 +4,7 @@ architecture) and what one worker keeps to itself (model, AdamW, data, error fee
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -93,10 +94,20 @@ class Worker:
         assign_flat(model, g.theta)
         return model.to(self.device)
 
-    def inner_phase(self, n_steps: int) -> InnerStats:
-        stats = self.inner.run(n_steps)
-        self.tokens_since_sync += stats.tokens
+    def inner_phase(
+        self, n_steps: int, should_stop: Callable[[int], bool] | None = None
+    ) -> InnerStats:
+        """Up to n_steps inner steps (fewer if should_stop(steps_done) says so)."""
+        stats = self.inner.run(n_steps, self._counting(should_stop))
         return stats
+
+    def _counting(self, should_stop: Callable[[int], bool] | None) -> Callable[[int], bool]:
+        # tokens_since_sync must be current when should_stop reports progress to the swarm.
+        def step_done(done: int) -> bool:
+            self.tokens_since_sync += self.inner.tokens_per_step
+            return should_stop(done) if should_stop is not None else False
+
+        return step_done
 
     def contribution(self, g: GlobalState) -> tuple[Encoded, float]:
         """Encode Δ = θ_g − θ (with error feedback); weight = tokens processed (0 for a
@@ -116,8 +127,16 @@ class Worker:
         if self.feedback is not None:
             self.feedback.residual = getattr(self, "_residual_backup", None)
 
+    @torch.no_grad()
+    def shift(self, old: GlobalState, new: GlobalState) -> None:
+        """Adopt a downloaded θ_g of the same architecture *keeping* our inner progress:
+        θ ← θ + (θ_g,new − θ_g,old), so our next Δ = θ_g,new − θ is the one we had.
+        AdamW state, tokens and error-feedback residual stay valid and are kept."""
+        assign_flat(self.model, flatten_params(self.model) + (new.theta - old.theta))
+
     def resync(self, g: GlobalState) -> None:
-        """Adopt a downloaded θ_g: our local progress and residual belong to another history."""
+        """Adopt a downloaded θ_g of another architecture: our progress cannot be mapped
+        onto it, so it is discarded (the only case that throws an inner phase away)."""
         self.model = self._model_at(g)
         if self.feedback is not None:
             self.feedback.residual = None

@@ -16,15 +16,21 @@ class SwarmConfig:
     announce_host: str | None = None  # address others should dial, if not `host` (NAT)
     data_port: int = 0  # zmq ROUTER port; 0 = any free port
     initial_peers: tuple[str, ...] = ()  # multiaddrs of live peers to join through
-    # Longest wait for others to announce a step; cut short as soon as every live peer of
-    # the epoch has announced, so a generous value costs nothing when peers keep pace.
+    # Progress heartbeat: every live peer republishes its record this often; a peer whose
+    # record is older than `dead_after_beats` heartbeats is dead and nobody waits for it.
+    heartbeat_s: float = 2.0
+    dead_after_beats: float = 2.5  # two missed beats, plus half a beat for DHT propagation
+    # Grace for announcements and JOINs once the swarm is ready (DHT reads lag by ~1 beat).
     matchmaking_s: float = 2.0
+    # Ready peers wait for a live peer still training until its own reported ETA (plus two
+    # heartbeats of slack), but never longer than this: a peer cannot stall a step forever.
+    max_wait_s: float = 600.0
     phase_timeout_s: float = 10.0  # a round aborts after this long without progress
-    round_timeout_s: float = 30.0  # all_reduce gives up (RoundFailed) after this long
+    # all_reduce gives up (RoundFailed) this long after the swarm was ready for the round.
+    round_timeout_s: float = 60.0
     min_peers: int = 1  # smallest group that may average, and smallest vote count to commit
     quorum: float = 2 / 3  # fraction of members that must vote for the identical proposal
     max_frame_bytes: int = 256 << 20  # largest accepted shard frame
-    record_ttl_s: float = 60.0  # liveness record lifetime (refreshed every ttl/3)
     dht_timeout_s: float = 10.0  # any single DHT get/store
 
     def __post_init__(self) -> None:
@@ -32,13 +38,20 @@ class SwarmConfig:
             raise ValueError(f"run name {self.run!r} must match {RUN_RE.pattern}")
         if not 0 <= self.port < 65536 or not 0 <= self.data_port < 65536:
             raise ValueError("ports must be in [0, 65535]")
-        if self.matchmaking_s <= 0 or self.phase_timeout_s <= 0 or self.round_timeout_s <= 0:
-            raise ValueError("matchmaking_s, phase_timeout_s and round_timeout_s must be > 0")
+        for name in ("heartbeat_s", "matchmaking_s", "phase_timeout_s", "round_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.dead_after_beats < 2:
+            raise ValueError("dead_after_beats must be >= 2 (one missed beat is not death)")
+        if self.max_wait_s < 0:
+            raise ValueError("max_wait_s must be >= 0")
         if self.min_peers < 1:
             raise ValueError(f"min_peers must be >= 1, got {self.min_peers}")
         if not 0 < self.quorum <= 1:
             raise ValueError(f"quorum must be in (0, 1], got {self.quorum}")
         if self.max_frame_bytes < 1024:
             raise ValueError("max_frame_bytes must be >= 1024")
-        if self.record_ttl_s < 3:
-            raise ValueError("record_ttl_s must be >= 3 seconds")
+
+    @property
+    def dead_after_s(self) -> float:
+        return self.dead_after_beats * self.heartbeat_s

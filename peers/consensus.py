@@ -1,6 +1,6 @@
 """Agreement rules that every member evaluates on the same inputs, so they agree without talking.
 
-Two questions are settled per round:
+Three questions are settled per round:
 
 1. Whose θ_g is the group's? The leader picks the majority `params_hash` among the peers that
    joined (ties go to the leader's own hash, then to the lexicographically smallest); the
@@ -10,6 +10,7 @@ Two questions are settled per round:
    member tallies the identical vote list. A proposal commits when at least `quorum` of the
    members *and* at least `min_peers` members voted for the identical proposal (compared by a
    canonical hash). The result is only acted upon if the round itself commits.
+3. Who leads an attempt? The announcer with the lowest `leader_rank`.
 """
 
 from __future__ import annotations
@@ -58,3 +59,12 @@ def majority_state(states: dict[str, tuple[str, int]], leader: str) -> tuple[str
     top = max(counts.values())
     tied = sorted(s for s, c in counts.items() if c == top)
     return states[leader] if states[leader] in tied else tied[0]
+
+
+def leader_rank(run: str, epoch: int, step: int, attempt: int, peer_id: str) -> bytes:
+    """Order of leadership for one attempt: the lowest rank leads.
+
+    A hash of (run, epoch, step, attempt, id) instead of the lowest id: ids cannot be
+    ground to win every round, and a leader that stalls an attempt is unlikely to lead
+    the retry."""
+    return hashlib.sha256(f"{run}|{epoch}|{step}|{attempt}|{peer_id}".encode()).digest()

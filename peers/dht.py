@@ -12,12 +12,13 @@ step) and never as proof that a round committed: that only comes from the data p
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import socket
 import threading
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from hivemind import DHT
 from hivemind.dht.crypto import RSASignatureValidator
@@ -56,12 +57,12 @@ class SwarmDHT:
         self._owner = self._validator.local_public_key
         self.peer_id = peer_id_of(self._owner)
         # hivemind's DHT talks to its process over one pipe; concurrent callers would
-        # interleave on it, so the keepalive thread and the round thread take turns.
+        # interleave on it, so the heartbeat thread and the round thread take turns.
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._keepalive: tuple[str, bytes, Callable[[], dict], float] | None = None
-        self._thread: threading.Thread | None = None
         self.dht: DHT | None = None
+        # DHT peer ids (base58) we have seen, to find again after a partition (rejoin).
+        self._known: set[str] = {m.rsplit("/p2p/", 1)[1] for m in initial_peers if "/p2p/" in m}
+        self._rejoin: Any = None
 
     def start(self) -> None:
         port = self._port
@@ -145,26 +146,41 @@ class SwarmDHT:
             raise Malformed(f"peer_id {str(value.get('peer_id'))[:24]!r} is not the signer's")
         return parse(value)
 
-    def keep_alive(self, key: str, name: str, make: Callable[[], dict], ttl_s: float) -> None:
-        """Re-store make() every ttl/3 in the background, so the record outlives long steps."""
-        self._keepalive = (key, name, make, ttl_s)
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._refresh, name="dht-keepalive", daemon=True)
-            self._thread.start()
+    def rejoin(self) -> None:
+        """Ping DHT peers we once knew that are missing from our routing table.
 
-    def _refresh(self) -> None:
-        while self._keepalive is not None and not self._stop.wait(self._keepalive[3] / 3):
-            key, name, make, ttl = self._keepalive
+        hivemind drops a peer from its routing table when an RPC to it fails and never
+        re-bootstraps by itself, so after a partition heals both sides would stay blind to
+        each other. Called from the heartbeat thread; never waits (a ping to an unreachable
+        peer takes seconds, and the heartbeat must not stall)."""
+        assert self.dht is not None
+        fut = self._rejoin
+        if fut is not None:
+            if not fut.done():
+                return
             try:
-                self.store(key, name, make(), ttl)
-            except Exception as e:  # never let the liveness thread die silently
-                log.warning("keepalive store failed: %s", e)
+                self._known |= set(fut.result())
+            except Exception as e:  # a failed ping round is retried next time
+                log.debug("DHT rejoin failed: %s", e)
+        with self._lock:
+            self._rejoin = self.dht.run_coroutine(
+                functools.partial(_rejoin, known=sorted(self._known)), return_future=True
+            )
 
     def shutdown(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=self.timeout_s)
         if self.dht is not None:
             with self._lock:
                 self.dht.shutdown()  # also terminates its p2pd child
             self.dht = None
+
+
+async def _rejoin(dht: DHT, node: Any, known: list[str]) -> list[str]:
+    """Runs inside the DHT process: ping known peers missing from the routing table."""
+    from hivemind.p2p import PeerID
+
+    table = node.protocol.routing_table
+    present = {p.to_base58() for p in table.uid_to_peer_id.values()}
+    for p in known:
+        if p not in present:
+            await node.protocol.call_ping(PeerID.from_base58(p))
+    return sorted(present | {p.to_base58() for p in table.uid_to_peer_id.values()})

@@ -1,9 +1,10 @@
 """The leader's half of matchmaking: collect JOINs, freeze the group, agree on θ_g, BEGIN.
 
-The leader (lowest peer id among the announcers of an attempt) waits for the announcers it
-saw, for at most one more matchmaking window. If someone is missing it looks at the DHT again:
-a lower id that appeared meanwhile takes over (REDIRECT), and a group already averaging our
-step without us means we wait for its outcome instead of forming a rival group. Joiners
+The leader (lowest `leader_rank` among the announcers of an attempt) waits for the announcers
+it saw, for at most one more matchmaking window. If someone is missing it looks at the DHT
+again: a lower rank that appeared meanwhile takes over (REDIRECT), and a group already
+averaging our step without us means we wait for its outcome instead of forming a rival group.
+A JOIN with weight 0 (nothing trained) is rejected: a round never commits an empty mean. Joiners
 whose θ_g hash is not the majority's get RESYNC; if the leader itself is in the minority it
 tells everyone to RETRY without it and resyncs. Everyone else gets BEGIN with the member list
 (endpoints, CURVE keys, weights and votes), which every member then uses verbatim.
@@ -14,6 +15,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
+from collections.abc import Callable
 
 from peers.config import SwarmConfig
 from peers.consensus import majority_state
@@ -21,8 +23,8 @@ from peers.errors import NeedResync, RoundAborted
 from peers.group import Group, RoundRequest
 from peers.mailbox import Mailbox
 from peers.messages import Member, Msg
+from peers.progress import SwarmView
 from peers.records import Announcement
-from peers.views import SwarmView
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +40,7 @@ class Leader:
         anns: dict[str, Announcement],
         deadline: float,
         complete: bool,
+        rank: Callable[[RoundRequest, int, str], bytes],
     ) -> Group | Member | None:
         """The frozen group; or a lower-id leader to follow instead; or None if a group is
         already averaging our step without us (the caller then waits for its outcome)."""
@@ -53,18 +56,21 @@ class Leader:
                 break
             self._on_join(msg, req, joined)
         if not (complete and expected <= set(joined)):
-            # Someone is missing: look again. A lower id may have appeared (then it leads),
+            # Someone is missing: look again. A lower rank may have appeared (then it leads),
             # or a group may be averaging our step without us (then wait for its outcome).
             anns = self.view.announcements(req.epoch, req.step, ann)
+            mine = rank(req, attempt, self.me.peer_id)
             lower = sorted(
-                pid for pid, a in anns.items() if a.attempt == attempt and pid < self.me.peer_id
+                (pid for pid, a in anns.items() if a.attempt == attempt),
+                key=lambda pid: rank(req, attempt, pid),
             )
+            lower = [pid for pid in lower if rank(req, attempt, pid) < mine]
             if lower:
                 a = anns[lower[0]]
                 new = Member(a.peer_id, a.endpoint, a.curve_key, 0.0)
                 self._tell(joined, "REDIRECT", leader=new.to_dict())
                 return new
-            if self.view.busy_without_us(req.epoch, req.step, attempt, set(joined)):
+            if self.busy_without_us(req, attempt, set(joined)):
                 self._tell(joined, "RETRY", attempt=attempt + 1)
                 return None
         for pid in list(joined):  # a JOIN must not contradict its signed DHT announcement
@@ -79,7 +85,7 @@ class Leader:
             self._tell(joined, "RETRY", attempt=attempt + 1)
             raise NeedResync(
                 f"the majority of joiners hold θ_g {majority[0]}, not ours",
-                self.view.record_of(holder),
+                _public(self.view.record_of(holder)),
             )
         for pid in [pid for pid, s in states.items() if s != majority]:
             self._reply_to(
@@ -122,8 +128,23 @@ class Leader:
             raise RoundAborted(f"{a.peer_id} is at attempt {msg.attempt}", next_attempt=msg.attempt)
         elif (a.codec, a.block_size) != (req.codec, req.block_size):
             self.reply(msg, "REJECT", reason=f"codec {req.codec}/{req.block_size} required")
+        elif a.weight <= 0:
+            self.reply(msg, "REJECT", reason="weight 0: train before joining a round")
         elif a.peer_id != self.me.peer_id:
             joined[a.peer_id] = a
+
+    def busy_without_us(self, req: RoundRequest, attempt: int, joined: set[str]) -> bool:
+        """Is a live peer outside `joined` in the data phase of our step, at our attempt or
+        later? Earlier attempts are ignored: they belong to aborted rounds."""
+        return any(
+            r.round is not None
+            and (r.round.epoch, r.round.step) == (req.epoch, req.step)
+            and r.round.attempt >= attempt
+            and r.round.phase in ("data", "voted", "stuck")
+            and r.peer_id not in joined
+            and r.peer_id != self.me.peer_id
+            for r in self.view.live(fresh=True)
+        )
 
     def reply(self, msg: Msg, kind: str, **body: object) -> None:
         """Answer a JOIN (the only message that carries an address to answer to)."""
@@ -141,3 +162,7 @@ class Leader:
         for pid, a in joined.items():
             if pid != self.me.peer_id:
                 self._reply_to(a, kind, **body)
+
+
+def _public(r: object) -> dict | None:
+    return None if r is None else r.public()  # type: ignore[attr-defined]

@@ -1,54 +1,70 @@
-"""Matchmaking: from "I want to average step s" to a frozen group that every member agrees on.
+"""Matchmaking: from "I am ready for step s" to a frozen group that every member agrees on.
 
-One attempt (see DESIGN.md, "The round protocol"):
-1. Check the DHT for peers that already committed this step (or a later epoch): then our
-   state is stale and we raise NeedResync instead of averaging.
-2. Announce (epoch, step, attempt, endpoint, keys, weight, params_hash, vote) and wait one
-   matchmaking window while others do the same (cut short once every live peer of our
-   epoch, per the DHT liveness records, has announced).
+One attempt (see docs/design.md, "The round protocol"):
+1. Announce (epoch, step, attempt, endpoint, keys, weight, params_hash, vote) in the DHT.
+2. Wait until every live peer of our step has announced: peers still training are waited
+   for until their own reported ETA (progress.wait_deadline), dead ones (stale heartbeat)
+   not at all. Meanwhile, if the swarm's majority line moves past our state, stop
+   (NeedResync: we missed a round or diverged).
 3. Read the announcements. If anyone is at a higher attempt, move there. The leader is the
-   lowest peer id among announcers of our attempt. Followers JOIN it (a non-leader that gets
-   a JOIN answers REDIRECT, strictly towards lower ids, so redirects terminate).
-4. The leader (leader.py) waits for the announcers it saw (up to one more window), freezes
-   the group, sends RESYNC to members whose θ_g hash is not the majority's, and BEGIN to the
+   announcer of our attempt with the lowest `leader_rank` (a hash, not an id). Followers
+   JOIN it; a non-leader that gets a JOIN answers REDIRECT, strictly towards lower ranks, so
+   redirects terminate.
+4. The leader (leader.py) waits for the announcers it saw (up to `matchmaking_s`), freezes
+   the group, sends RESYNC to members whose θ_g hash is not the majority's and BEGIN to the
    rest. A follower accepts exactly one BEGIN: from the leader it joined, for its attempt.
 
 Anything unexpected ends the attempt with RoundAborted(next_attempt); the Swarm retries
-until its deadline. DHT views may be stale; the θ_g-hash majority check at every round is
-the backstop that makes a rare split brain heal (the minority resyncs).
+until its deadline.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import NoReturn
 
 from peers.config import SwarmConfig
-from peers.consensus import vote_hash
+from peers.consensus import leader_rank, vote_hash
 from peers.dht import SwarmDHT
 from peers.errors import NeedResync, RoundAborted, RoundFailed
 from peers.group import Group, RoundRequest
 from peers.leader import Leader
 from peers.mailbox import Mailbox
 from peers.messages import Member, Msg
+from peers.progress import SwarmView, at_step, finishing, finishing_deadline, wait_deadline
 from peers.records import Announcement
-from peers.views import SwarmView
 
 log = logging.getLogger(__name__)
 REPLY_KINDS = frozenset({"BEGIN", "REDIRECT", "RETRY", "RESYNC", "REJECT", "FORMED"})
 
 
 class Matchmaker:
-    def __init__(self, cfg: SwarmConfig, dht: SwarmDHT, mb: Mailbox, me: Member) -> None:
-        self.cfg, self.dht, self.mb, self.me = cfg, dht, mb, me
-        self.view = SwarmView(dht, me.peer_id)
-        self.leader = Leader(cfg, mb, self.view, me)
+    def __init__(
+        self,
+        cfg: SwarmConfig,
+        dht: SwarmDHT,
+        mb: Mailbox,
+        me: Member,
+        view: SwarmView,
+        check_state: Callable[[bool], None],
+    ) -> None:
+        self.cfg, self.dht, self.mb, self.me, self.view = cfg, dht, mb, me, view
+        # check_state(fresh) raises NeedResync when the majority line has left our state.
+        self.check_state = check_state
+        self.leader = Leader(cfg, mb, view, me)
 
-    def form(self, req: RoundRequest, attempt: int, deadline: float) -> Group:
-        """One matchmaking attempt; returns the group or raises NeedResync / RoundAborted."""
+    def rank(self, req: RoundRequest, attempt: int, peer_id: str) -> bytes:
+        return leader_rank(self.cfg.run, req.epoch, req.step, attempt, peer_id)
+
+    def form(self, req: RoundRequest, attempt: int, deadline: float, ready_at: float) -> Group:
+        """One matchmaking attempt; returns the group or raises NeedResync / RoundAborted.
+
+        `ready_at` (wall clock) is when we became ready: the wait for stragglers is capped
+        at `max_wait_s` from then."""
         self.mb.set_scope(req.epoch, req.step, attempt)
-        live = self.view.live_in_epoch(self.check_progress(req), req.epoch)
+        self.check_state(True)
         ann = Announcement(
             self.me.peer_id,
             self.me.endpoint,
@@ -61,8 +77,8 @@ class Matchmaker:
             block_size=req.block_size,
             vote=req.vote,
         )
-        ttl = self.cfg.round_timeout_s + 2 * self.cfg.matchmaking_s
-        # Not awaited: others poll for it, and our own reads add it (views.announcements).
+        ttl = self.cfg.round_timeout_s + self.cfg.max_wait_s
+        # Not awaited: others poll for it, and our own reads add it (progress.announcements).
         self.dht.store(
             self.view.announce_key(req.epoch, req.step),
             self.me.peer_id,
@@ -70,42 +86,52 @@ class Matchmaker:
             ttl,
             wait=False,
         )
-        expected = live | {self.me.peer_id}
-        anns = self._gather(
-            req, ann, expected, min(deadline, time.monotonic() + self.cfg.matchmaking_s)
-        )
+        anns, complete = self._gather(req, ann, deadline, ready_at)
         top = max(a.attempt for a in anns.values())
         if top > attempt:
             raise RoundAborted(f"others are at attempt {top}", next_attempt=top)
-        # If every live peer announced this step, none of them can have committed it without
-        # us; otherwise look again, the window may have hidden a round that ran without us.
-        complete = expected <= {pid for pid, a in anns.items() if a.attempt == attempt}
-        if not complete:
-            self.check_progress(req)
-        leader = min(pid for pid, a in anns.items() if a.attempt == attempt)
+        ours = [pid for pid, a in anns.items() if a.attempt == attempt]
+        leader = min(ours, key=lambda pid: self.rank(req, attempt, pid))
         if leader == self.me.peer_id:
-            led = self.leader.lead(req, ann, anns, deadline, complete)
+            led = self.leader.lead(req, ann, anns, deadline, complete, self.rank)
             if led is None:  # a group averages our step without us: wait for its outcome
                 self.await_outcome(req, attempt, deadline)
-            if isinstance(led, Member):  # a lower id appeared: it leads, we follow
+            if isinstance(led, Member):  # a lower rank appeared: it leads, we follow
                 return self._follow(req, ann, led, deadline)
             return led
         a = anns[leader]
         return self._follow(req, ann, Member(a.peer_id, a.endpoint, a.curve_key, 0.0), deadline)
 
     def _gather(
-        self, req: RoundRequest, ann: Announcement, expected: set[str], until: float
-    ) -> dict[str, Announcement]:
-        """Announcements for our step when the window ends, or as soon as every live peer of
-        our epoch (`expected`) has announced: a full swarm need not wait out the window."""
+        self, req: RoundRequest, ann: Announcement, deadline: float, ready_at: float
+    ) -> tuple[dict[str, Announcement], bool]:
+        """Announcements for our step once no live peer of our step is worth waiting for.
+
+        Returns them and whether every live peer of our step announced (`complete`)."""
+        poll = min(0.1, self.cfg.heartbeat_s / 4)
         while True:
             anns = self.view.announcements(req.epoch, req.step, ann)
             present = {pid for pid, a in anns.items() if a.attempt >= ann.attempt}
-            if time.monotonic() >= until or (
-                expected <= present and len(present) >= self.cfg.min_peers
-            ):
-                return anns
-            self.mb.pump(min(until, time.monotonic() + 0.025))
+            now = time.time()
+            live = self.view.live(fresh=True)
+            peers = at_step(live, self.me.peer_id, req.epoch, req.step)
+            missing = [r for r in peers if r.peer_id not in present]
+            cap = ready_at + self.cfg.max_wait_s
+            waiting = [r for r in missing if now < min(wait_deadline(r, self.cfg), cap)]
+            late = finishing(live, self.me.peer_id, req.epoch, req.step)
+            waiting += [r for r in late if now < min(finishing_deadline(r, self.cfg), cap)]
+            enough = len(present) >= self.cfg.min_peers
+            if (not waiting and enough) or time.monotonic() >= deadline:
+                missing += late
+                if missing:
+                    log.info(
+                        "step %d: not waiting any longer for %s (past their ETA or the cap)",
+                        req.step,
+                        [r.peer_id for r in missing],
+                    )
+                return anns, not missing
+            self.check_state(False)
+            self.mb.pump(min(deadline, time.monotonic() + poll))
 
     # ---- follower -------------------------------------------------------------------------
 
@@ -113,14 +139,14 @@ class Matchmaker:
         self, req: RoundRequest, ann: Announcement, target: Member, deadline: float
     ) -> Group:
         attempt = ann.attempt
-        for _ in range(8):  # redirects strictly lower the leader id, so this is a safety cap
+        for _ in range(8):  # redirects strictly lower the leader's rank: a safety cap
             self._send_join(target, ann)
             msg = self._await_reply(req, target, deadline)
             if msg.kind == "BEGIN":
                 return self._accept_begin(msg, req, ann, target)
             if msg.kind == "REDIRECT":
                 new = msg.body["leader"]
-                if new.peer_id >= target.peer_id:
+                if self.rank(req, attempt, new.peer_id) >= self.rank(req, attempt, target.peer_id):
                     raise RoundAborted("redirect loop", next_attempt=attempt + 1)
                 target = new
                 continue
@@ -132,7 +158,7 @@ class Matchmaker:
                 raise NeedResync(
                     f"group θ_g hash {msg.body['params_hash']} differs from ours "
                     f"({msg.body['reason']})",
-                    self.view.record_of(target.peer_id),
+                    self._record(target.peer_id),
                 )
             if msg.kind == "REJECT":
                 raise RoundFailed(f"leader {target.peer_id} rejected us: {msg.body['reason']}")
@@ -140,8 +166,8 @@ class Matchmaker:
         raise RoundAborted("too many redirects", next_attempt=attempt + 1)
 
     def _await_reply(self, req: RoundRequest, target: Member, deadline: float) -> Msg:
-        """The leader's answer to our JOIN. It may legitimately take a window and a grace
-        period; meanwhile answer stray JOINs and notice a round that committed without us."""
+        """The leader's answer to our JOIN. It may legitimately take a grace period; meanwhile
+        answer stray JOINs and notice a round that committed without us."""
         until = min(
             deadline, time.monotonic() + 2 * self.cfg.matchmaking_s + self.cfg.phase_timeout_s
         )
@@ -158,7 +184,7 @@ class Matchmaker:
                     raise RoundAborted(
                         f"leader {target.peer_id} did not answer", next_attempt=self.mb.scope[2] + 1
                     )
-                self.check_progress(req)
+                self.check_state(False)
             elif msg.kind == "JOIN":  # someone thinks we lead: point it at our leader
                 self.leader.reply(msg, "REDIRECT", leader=target.to_dict())
             else:
@@ -190,9 +216,10 @@ class Matchmaker:
             raise RoundAborted("BEGIN for another tensor layout", next_attempt=ann.attempt + 1)
         if b["params_hash"] != req.params_hash:
             raise NeedResync(
-                f"group θ_g hash {b['params_hash']} differs from ours",
-                self.view.record_of(leader.peer_id),
+                f"group θ_g hash {b['params_hash']} differs from ours", self._record(leader.peer_id)
             )
+        if sum(m.weight for m in b["members"]) <= 0:
+            raise RoundAborted("BEGIN with total weight 0", next_attempt=ann.attempt + 1)
         lead = [m for m in b["members"] if m.peer_id == leader.peer_id]
         if not lead:
             raise RoundAborted("BEGIN without its leader", next_attempt=ann.attempt + 1)
@@ -207,20 +234,20 @@ class Matchmaker:
         )
 
     def await_outcome(self, req: RoundRequest, attempt: int, deadline: float) -> NoReturn:
-        """A round for our step runs without us: wait until it commits (-> NeedResync) or
-        its members come back at a higher attempt (-> RoundAborted, to join them)."""
-        # Its in_round flags may not be visible yet, so "nobody busy" only counts once a
-        # whole phase timeout has passed (by then that round has ended, one way or another).
+        """A round for our step runs without us: wait until it commits (the majority line
+        moves past us -> NeedResync) or its members come back at a higher attempt."""
+        # Its phase flags may not be visible yet, so "nobody busy" only counts once a whole
+        # phase timeout has passed (by then that round has ended, one way or another).
         settle = time.monotonic() + self.cfg.phase_timeout_s
         while time.monotonic() < deadline:
-            self.mb.pump(min(deadline, time.monotonic() + 0.5))
-            self.check_progress(req)
+            self.mb.pump(min(deadline, time.monotonic() + self.cfg.heartbeat_s / 2))
+            self.check_state(True)
             top = max(
                 (a.attempt for a in self.view.announcements(req.epoch, req.step).values()),
                 default=0,
             )
-            idle = time.monotonic() > settle and not self.view.busy_without_us(
-                req.epoch, req.step, attempt, set()
+            idle = time.monotonic() > settle and not self.leader.busy_without_us(
+                req, attempt, set()
             )
             if top > attempt or idle:
                 raise RoundAborted(
@@ -228,8 +255,9 @@ class Matchmaker:
                 )
         raise RoundFailed("a round for our step ran without us until the deadline")
 
-    def check_progress(self, req: RoundRequest) -> list:
-        return self.view.check_progress(req.epoch, req.step)
+    def _record(self, peer_id: str) -> dict | None:
+        r = self.view.record_of(peer_id)
+        return None if r is None else r.public()
 
     def _send_join(self, target: Member, ann: Announcement) -> None:
         body = {k: v for k, v in ann.to_dict().items() if k not in ("peer_id", "attempt")}

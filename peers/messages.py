@@ -9,8 +9,8 @@ not from the header, so it cannot be forged without the sender's secret key.
 
 Matchmaking: JOIN (member -> leader), REDIRECT / RETRY / RESYNC / REJECT / FORMED (leader ->
 joiner), BEGIN (leader -> members). Round: PART (contribution to a shard's reducer), REDUCED
-(reducer -> all), DONE (member -> leader, with a digest of all reduced bytes), COMMIT
-(leader -> all), ABORT (anyone -> all).
+(reducer -> all), DONE (member -> all, with a digest of all reduced bytes: the vote that
+commits the round once every member cast it), ABORT (anyone -> all, before voting).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from peers.schema import (
 )
 
 MATCH_KINDS = frozenset({"JOIN", "REDIRECT", "RETRY", "RESYNC", "REJECT", "FORMED", "BEGIN"})
-ROUND_KINDS = frozenset({"PART", "REDUCED", "DONE", "COMMIT", "ABORT"})
+ROUND_KINDS = frozenset({"PART", "REDUCED", "DONE", "ABORT"})
 PAYLOAD_KINDS = frozenset({"PART", "REDUCED"})
 
 
@@ -202,6 +202,5 @@ _BODY = {
     "PART": _shard,
     "REDUCED": _shard,
     "DONE": _digest,
-    "COMMIT": _digest,
     "ABORT": _abort,
 }

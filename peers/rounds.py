@@ -1,4 +1,4 @@
-"""The data phase of a round: reduce-scatter + all-gather of encoded shards, then commit.
+"""The data phase of a round: reduce-scatter + all-gather of encoded shards, then the vote.
 
 With P members sorted by peer id, the flat vector is cut into P block-aligned shards and
 member k reduces shard k:
@@ -6,11 +6,23 @@ member k reduces shard k:
 2. member k decodes the P contributions, takes the weight-weighted fp32 mean, encodes it
    ONCE and sends those same bytes to everyone (REDUCED);
 3. every member decodes the same P reduced frames, so the result is bit-identical on all
-   members; it sends DONE with a sha256 of those frames to the leader;
-4. the leader sends COMMIT once every member reported the same digest. The result is
-   returned (applied) only on COMMIT, so a round is applied whole or not at all.
-A member that hears nothing new for `phase_timeout_s`, or gets an invalid shard from an
-authenticated member, broadcasts ABORT; nothing is applied and everyone retries.
+   members; it sends DONE with a sha256 of those frames to *every* member;
+4. a member commits when it holds DONE from every member with its own digest. No leader
+   decides, so no leader can commit after a follower gave up, and a stalled member cannot
+   half-apply a round: the commit point is "all P votes cast", the same fact for everyone.
+
+State machine of one member in one attempt (phases are published in its heartbeat record):
+
+    forming --BEGIN--> data --all REDUCED decoded, DONE sent--> voted --all DONEs--> committed
+       |                 |                                        |
+       |                 +--timeout / bad shard / ABORT--> aborted |--ABORT or a DONE that
+       |                                                           |  differs--> aborted
+       +--RETRY/REDIRECT/timeout--> (next attempt)                 +--timeout--> stuck
+    stuck --outcome.resolve(records of the members)--> committed | aborted
+
+Before voting a member may abort at any time (it sent no DONE, so nobody can commit).
+After voting it never guesses: it commits only on all DONEs, and if they do not come in
+time it learns the outcome from the members' records (outcome.py) before anything else.
 Bytes per member: 2·(P−1)/P·N codes (+ scales and small headers).
 """
 
@@ -30,6 +42,8 @@ from peers.errors import Malformed, RoundAborted, RoundFailed
 from peers.group import Group
 from peers.mailbox import Mailbox
 from peers.messages import ROUND_KINDS, Member, Msg
+from peers.outcome import ABORT, COMMIT, resolve
+from peers.records import PeerRecord
 
 log = logging.getLogger(__name__)
 Hook = Callable[[str, int], None]  # (phase, step): test hook for fault injection
@@ -37,13 +51,24 @@ Hook = Callable[[str, int], None]  # (phase, step): test hook for fault injectio
 
 class RoundRunner:
     def __init__(
-        self, mb: Mailbox, me: str, phase_timeout_s: float, hook: Hook | None = None
+        self,
+        mb: Mailbox,
+        me: str,
+        phase_timeout_s: float,
+        on_phase: Callable[[Group, str], None],
+        records: Callable[[], dict[str, PeerRecord]],
+        poll_s: float,
+        hook: Hook | None = None,
     ) -> None:
         self.mb, self.me, self.phase_timeout_s, self.hook = mb, me, phase_timeout_s, hook
+        # on_phase publishes our phase in the heartbeat record; records() reads the
+        # members' live records (fresh from the DHT) when we are stuck.
+        self.on_phase, self.records, self.poll_s = on_phase, records, poll_s
 
     def run(self, g: Group, local: Encoded, deadline: float) -> torch.Tensor:
         """Average `local` with the group; returns the committed mean (fp32, local.shape)."""
         self.mb.set_scope(g.epoch, g.step, g.attempt)
+        self._phase(g, "data")
         members = g.members
         n_members, i = len(members), [m.peer_id for m in members].index(self.me)
         bounds = shard_bounds(local.numel, local.align, n_members)
@@ -80,7 +105,7 @@ class RoundRunner:
                 mean[bounds[k][0] : bounds[k][1]] = codec.decode(enc).view(-1)
                 reduced[k] = bytes(msg.payload)
             elif msg.kind == "DONE":
-                dones[k] = msg.body["digest"]  # an early DONE for the leader: keep it
+                dones[k] = msg.body["digest"]  # a vote that beat our decoding: keep it
                 continue
             else:
                 log.warning(
@@ -97,7 +122,7 @@ class RoundRunner:
         for k in range(n_members):
             digest.update(reduced[k])
         marks.append(("decoded", time.monotonic()))
-        self._commit(g, i, digest.hexdigest(), dones, deadline)
+        self._vote(g, i, digest.hexdigest(), dones, deadline)
         marks.append(("committed", time.monotonic()))
         log.debug(
             "round %s timeline (ms): %s",
@@ -106,34 +131,69 @@ class RoundRunner:
         )
         return mean.view(local.shape)
 
-    def _commit(
-        self, g: Group, i: int, digest: str, dones: dict[int, str], deadline: float
-    ) -> None:
-        """Two-phase end: DONE to the leader, COMMIT from it. Returns only once committed."""
-        until = min(deadline, time.monotonic() + self.phase_timeout_s)
-        if g.leader.peer_id != self.me:
-            self._send(g.leader, "DONE", g, digest=digest)
-            self._hook("before_commit", g.step)
-            while True:
-                msg, _ = self._next(g, until)
-                if msg.kind == "COMMIT" and msg.sender == g.leader.peer_id:
-                    if msg.body["digest"] != digest:
-                        self._abort(g, "COMMIT digest differs from our reduced bytes")
-                    return
-        dones[i] = digest
-        while len(dones) < len(g.members):
-            msg, k = self._next(g, until)
-            if msg.kind == "DONE":
-                dones[k] = msg.body["digest"]
-        if len(set(dones.values())) != 1:
-            self._abort(g, f"members reduced different bytes: {sorted(set(dones.values()))}")
-        self._hook("before_commit", g.step)
+    def _vote(self, g: Group, i: int, digest: str, dones: dict[int, str], deadline: float) -> None:
+        """Send DONE to everyone; return once committed (all DONEs), raise once aborted."""
+        self._phase(g, "voted")
+        sent = 0
         for k, m in enumerate(g.members):
             if k != i:
-                self._send(m, "COMMIT", g, digest=digest)
+                self._send(m, "DONE", g, digest=digest)
+                sent += 1
+                if sent == 1:
+                    self._hook("mid_done", g.step)  # a fault here: some members have our vote
+        dones[i] = digest
+        until = min(deadline, time.monotonic() + self.phase_timeout_s)
+        while len(dones) < len(g.members):
+            try:
+                msg, k = self._next(g, until, abort_on_silence=False)
+            except RoundAborted:  # an ABORT: its sender never voted, so nobody can commit
+                self._phase(g, "aborted")
+                raise
+            if msg is None:
+                return self._stuck(g, deadline)
+            if msg.kind == "DONE":
+                dones[k] = msg.body["digest"]
+                if dones[k] != digest:
+                    # Nobody can hold P equal votes now: aborting is safe for everyone.
+                    self._abort(g, f"{msg.sender} reduced different bytes ({dones[k][:12]}…)")
+        self._hook("before_commit", g.step)
+        self._phase(g, "committed")
 
-    def _next(self, g: Group, until: float) -> tuple[Msg, int]:
-        """Next message of this round from an authenticated member, answering late JOINs."""
+    def _stuck(self, g: Group, deadline: float) -> None:
+        """We voted and did not hear every vote: learn the outcome from the members."""
+        self._phase(g, "stuck")
+        where = (g.epoch, g.step, g.attempt)
+        members = [m.peer_id for m in g.members]
+        # Members still "data"/"voted" after this long are as good as dead (they would have
+        # timed out themselves long ago), so the wait is bounded even if records go quiet.
+        give_up = min(deadline, time.monotonic() + 3 * self.phase_timeout_s)
+        log.warning("round %s: voted but not every DONE came; asking the members", g.rid)
+        while True:
+            decision = resolve(self.me, where, g.rid, members, self.records())
+            if decision is None and time.monotonic() >= give_up:
+                decision = ABORT
+                log.warning("round %s: members undecided past the bound; aborting", g.rid)
+            if decision == COMMIT:
+                log.info("round %s: a member committed it; committing too", g.rid)
+                self._phase(g, "committed")
+                return
+            if decision == ABORT:
+                self._phase(g, "aborted")
+                raise RoundAborted(
+                    "round aborted (learned from the members' records)", next_attempt=g.attempt + 1
+                )
+            try:  # an ABORT while we wait also settles it; late DONEs no longer count
+                msg, _ = self._next(g, time.monotonic() + self.poll_s, abort_on_silence=False)
+            except RoundAborted:
+                self._phase(g, "aborted")
+                raise
+
+    def _next(
+        self, g: Group, until: float, abort_on_silence: bool = True
+    ) -> tuple[Msg | None, int]:
+        """Next message of this round from an authenticated member, answering late JOINs.
+
+        Silence until `until` aborts the round, or returns (None, -1) after we voted."""
         index = {m.peer_id: k for k, m in enumerate(g.members)}
         while True:
             try:
@@ -147,6 +207,8 @@ class RoundRunner:
             except RoundFailed:  # we are shutting down: tell the others instead of stalling them
                 self._abort(g, "a member is leaving the swarm", RoundFailed)
             if msg is None:
+                if not abort_on_silence:
+                    return None, -1
                 self._abort(g, f"no progress for {self.phase_timeout_s:.1f}s")
             if msg.kind == "JOIN":
                 a = msg.body["ann"]  # too late for this round: tell it to wait for the outcome
@@ -186,6 +248,9 @@ class RoundRunner:
             m.endpoint, m.curve_key, kind, attempt=g.attempt, payload=payload, rid=g.rid, **body
         )
 
+    def _phase(self, g: Group, phase: str) -> None:
+        self.on_phase(g, phase)
+
     def _abort(self, g: Group, reason: str, exc: type[Exception] = RoundAborted) -> NoReturn:
         log.warning(
             "aborting round %s (epoch %d step %d attempt %d): %s",
@@ -198,6 +263,7 @@ class RoundRunner:
         for m in g.members:
             if m.peer_id != self.me:
                 self._send(m, "ABORT", g, reason=reason[:500])
+        self._phase(g, "aborted")
         if exc is RoundAborted:
             raise RoundAborted(reason, next_attempt=g.attempt + 1)
         raise exc(reason)

@@ -1,17 +1,18 @@
 """The facade the app uses: one `Swarm` per peer process.
 
     swarm = Swarm(SwarmConfig(run="demo", initial_peers=(maddr,)))
-    swarm.start()                       # DHT (+ its p2pd child) and the zmq data plane
+    swarm.start()                  # DHT (+ its p2pd child), zmq data plane, heartbeat thread
+    swarm.set_state(epoch, step, params_hash, members)   # after every change of θ_g
+    swarm.report(Progress(tokens=..., tokens_per_s=..., eta_s=...))  # while training
     res = swarm.all_reduce(encoded_delta, tokens, arch_epoch=e, step=s, params_hash=h, vote=v)
     # res.mean is bit-identical on every member; res.committed_vote is the agreed growth event
     swarm.shutdown()
 
-`all_reduce` retries internally (new group without dead or stalled peers) until
-`round_timeout_s`, then raises RoundFailed; it raises NeedResync when our θ_g is not the
-group's or the swarm already moved past our step (a peer that misses a round, e.g. because it
-arrived after `matchmaking_s`, must download state). Calls are serialised by a lock, so an app
-may run it in a background thread (overlapping rounds with compute) as long as rounds do not
-overlap each other.
+`all_reduce` waits until the swarm is ready for the round (every live peer of our step
+announced, or the stragglers are past their own ETA), then retries internally (new group
+without dead or stalled peers) until `round_timeout_s`, then raises RoundFailed; it raises
+NeedResync when the majority line of the swarm holds another θ_g than ours (we are behind
+or diverged; lineage.py). Calls are serialised by a lock.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
+from dataclasses import replace
 
 import torch
 
@@ -29,15 +32,17 @@ from peers.consensus import tally, vote_hash
 from peers.dht import SwarmDHT
 from peers.errors import Malformed, NeedResync, RoundAborted, RoundFailed
 from peers.group import AllReduceResult, Group, RoundRequest
+from peers.lineage import Verdict, verdict
 from peers.mailbox import Mailbox
 from peers.membership import Matchmaker
 from peers.messages import Member
-from peers.records import HistoryEntry, PeerRecord
+from peers.progress import Progress, SwarmView, at_step
+from peers.records import MAX_COMMITS, MAX_LINEAGE, HistoryEntry, PeerRecord, RoundState
 from peers.rounds import Hook, RoundRunner
 from peers.schema import opt_info, opt_vote
 
 log = logging.getLogger(__name__)
-__all__ = ["AllReduceResult", "NeedResync", "RoundFailed", "Swarm", "SwarmConfig"]
+__all__ = ["AllReduceResult", "NeedResync", "Progress", "RoundFailed", "Swarm", "SwarmConfig"]
 
 
 class Swarm:
@@ -56,10 +61,17 @@ class Swarm:
         self.peer_id = self.dht.peer_id
         self._state = (state_endpoint, state_curve_key)
         self._hook = hook
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # one all_reduce at a time
+        self._rec_lock = threading.Lock()  # our record's fields: app, round and heartbeat
         self._info: dict = {}
-        self._epoch, self._last_round = 0, -1
-        self._in_round: tuple[int, int, int] | None = None
+        # The state we hold (set by the app) and its recent history, for lineage.py.
+        self._epoch, self._step, self._hash = 0, 0, "init"
+        self._lineage: tuple[tuple[int, str, int], ...] = ()
+        self._progress = Progress()
+        self._round: RoundState | None = None
+        self._commits: deque[str] = deque(maxlen=MAX_COMMITS)
+        self._stop = threading.Event()
+        self._beat: threading.Thread | None = None
         self._started = False
         self.visible_maddrs: list[str] = []
 
@@ -79,14 +91,25 @@ class Swarm:
         self.mailbox = Mailbox(
             self.transport, self.cfg.run, self.peer_id, limits, 4 * self.cfg.max_frame_bytes
         )
-        self.matchmaker = Matchmaker(self.cfg, self.dht, self.mailbox, self.me)
-        self.runner = RoundRunner(self.mailbox, self.peer_id, self.cfg.phase_timeout_s, self._hook)
+        self.view = SwarmView(self.dht, self.peer_id, self.cfg)
+        self.matchmaker = Matchmaker(
+            self.cfg, self.dht, self.mailbox, self.me, self.view, self._check_state
+        )
+        self.runner = RoundRunner(
+            self.mailbox,
+            self.peer_id,
+            self.cfg.phase_timeout_s,
+            on_phase=self._on_phase,
+            records=lambda: {r.peer_id: r for r in self.view.live(fresh=True)},
+            poll_s=self.cfg.heartbeat_s / 2,
+            hook=self._hook,
+        )
         self.visible_maddrs = self.dht.visible_maddrs()
         self._started = True
         self._publish(wait=True)
-        self.dht.keep_alive(
-            self.dht.key("peers"), self.peer_id, self._record, self.cfg.record_ttl_s
-        )
+        self.view.refresh()
+        self._beat = threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True)
+        self._beat.start()
         log.info(
             "peer %s up: data plane %s, DHT %s", self.peer_id, self.me.endpoint, self.visible_maddrs
         )
@@ -99,6 +122,9 @@ class Swarm:
         """
         if getattr(self, "mailbox", None) is not None:
             self.mailbox.closing.set()
+        self._stop.set()
+        if self._beat is not None:
+            self._beat.join(timeout=self.cfg.dht_timeout_s + self.cfg.heartbeat_s)
         got = self._lock.acquire(timeout=max(5.0, self.cfg.dht_timeout_s))
         try:
             if getattr(self, "transport", None) is not None:
@@ -132,8 +158,14 @@ class Swarm:
         """Weighted mean of `local` over a group of live peers at (arch_epoch, step)."""
         if not self._started:
             raise RuntimeError("Swarm.start() first")
-        if not (weight >= 0 and weight < float("inf")):
-            raise ValueError(f"weight must be finite and >= 0, got {weight}")
+        if not (weight > 0 and weight < float("inf")):
+            # A round never commits an empty mean: a peer with nothing trained keeps training.
+            raise ValueError(f"weight must be finite and > 0 (tokens trained), got {weight}")
+        if (arch_epoch, step, params_hash) != (self._epoch, self._step, self._hash):
+            raise ValueError(
+                f"all_reduce for epoch {arch_epoch} step {step} hash {params_hash}, but "
+                f"set_state says epoch {self._epoch} step {self._step} hash {self._hash}"
+            )
         if not isinstance(params_hash, str) or not 0 < len(params_hash) <= 128:
             raise ValueError("params_hash must be a non-empty str of <= 128 chars")
         try:
@@ -155,36 +187,45 @@ class Swarm:
 
     def _all_reduce(self, local: Encoded, req: RoundRequest) -> AllReduceResult:
         t0 = time.monotonic()
-        deadline = t0 + self.cfg.round_timeout_s
+        ready_at = time.time()
+        self.report(replace(self._progress, ready=True, eta_s=0.0, tokens=int(req.weight)))
+        # Waiting for stragglers is bounded by max_wait_s (in _gather); the round itself,
+        # retries included, by round_timeout_s after that.
+        deadline = t0 + self.cfg.max_wait_s + self.cfg.round_timeout_s
         sent0, recv0 = self.transport.bytes_sent, self.transport.bytes_recv
-        self._epoch = max(self._epoch, req.epoch)
         attempt, why = 0, "no attempt finished"
-        while time.monotonic() < deadline:
-            try:
-                group = self.matchmaker.form(req, attempt, deadline)
-                formed = time.monotonic()
-                log.debug(
-                    "step %d: group of %d formed after %.3fs (attempt %d, leader %s)",
-                    req.step,
-                    len(group.members),
-                    formed - t0,
-                    group.attempt,
-                    group.leader.peer_id,
-                )
-                self._set_in_round((req.epoch, req.step, group.attempt))
-                mean = self.runner.run(group, local, deadline)
-            except RoundAborted as e:
-                why, attempt = str(e), max(e.next_attempt, attempt + 1)
-                log.info(
-                    "step %d: attempt failed (%s); retrying at attempt %d", req.step, why, attempt
-                )
-                continue
-            finally:
-                self._set_in_round(None)
-            return self._committed(req, group, mean, (t0, formed), sent0, recv0)
+        try:
+            while time.monotonic() < deadline:
+                self._set_round(RoundState(req.epoch, req.step, attempt, "", "forming"))
+                try:
+                    group = self.matchmaker.form(req, attempt, deadline, ready_at)
+                    formed = time.monotonic()
+                    log.debug(
+                        "step %d: group of %d formed after %.3fs (attempt %d, leader %s)",
+                        req.step,
+                        len(group.members),
+                        formed - t0,
+                        group.attempt,
+                        group.leader.peer_id,
+                    )
+                    # Once formed, the data phase has round_timeout_s, whatever the wait was.
+                    deadline = max(deadline, formed + self.cfg.round_timeout_s)
+                    mean = self.runner.run(group, local, deadline)
+                except RoundAborted as e:
+                    why, attempt = str(e), max(e.next_attempt, attempt + 1)
+                    log.info(
+                        "step %d: attempt failed (%s); retrying at attempt %d",
+                        req.step,
+                        why,
+                        attempt,
+                    )
+                    continue
+                return self._committed(req, group, mean, (t0, formed), sent0, recv0)
+        finally:
+            self.report(replace(self._progress, ready=False))
         raise RoundFailed(
-            f"no round committed for epoch {req.epoch} step {req.step} within "
-            f"{self.cfg.round_timeout_s}s after {attempt} attempts: {why}"
+            f"no round committed for epoch {req.epoch} step {req.step} after {attempt} "
+            f"attempts: {why}"
         )
 
     def _committed(
@@ -198,12 +239,9 @@ class Swarm:
     ) -> AllReduceResult:
         end = time.monotonic()
         vote = tally([m.vote for m in g.members], self.cfg.quorum, self.cfg.min_peers)
-        self._last_round = req.step
-        # A committed growth event moves every member to the next architecture epoch; saying
-        # so at once lets laggards of the old epoch notice (NeedResync) instead of waiting.
-        self._epoch = req.epoch + (1 if vote is not None else 0)
-        # Others' progress checks rely on this record; it is sent now, and by the time anyone
-        # could need it (after a phase timeout) the DHT has long stored it.
+        with self._rec_lock:
+            self._commits.append(g.rid)
+        # Stuck members (outcome.py) learn the outcome from this record: send it now.
         self._publish(wait=False)
         if vote is not None and g.leader.peer_id == self.peer_id:
             entry = HistoryEntry(
@@ -230,15 +268,63 @@ class Swarm:
             round_id=g.rid,
         )
 
-    # ---- DHT records --------------------------------------------------------------------
+    # ---- the state we hold, our progress, and what the swarm says -----------------------
+
+    def set_state(
+        self,
+        arch_epoch: int,
+        step: int,
+        params_hash: str,
+        members: int,
+        lineage: list | tuple | None = None,
+    ) -> None:
+        """Declare the θ_g we hold: after start-up, every committed round, and every download.
+
+        `members`: how many peers signed the round that produced it (0 for a fresh init).
+        `lineage`: after a download, the source's lineage (so we are on its line)."""
+        if not isinstance(params_hash, str) or not 0 < len(params_hash) <= 128:
+            raise ValueError("params_hash must be a non-empty str of <= 128 chars")
+        with self._rec_lock:
+            if lineage is not None:
+                base = tuple((int(s), str(h), int(m)) for s, h, m in lineage if int(s) < step)
+            else:
+                base = tuple(x for x in self._lineage if x[0] < step)
+            self._lineage = (*base, (step, params_hash, int(members)))[-MAX_LINEAGE:]
+            self._epoch, self._step, self._hash = arch_epoch, step, params_hash
+            self._progress = Progress()
+        self._publish(wait=False)
+
+    def report(self, progress: Progress) -> None:
+        """Our inner-phase progress; goes out with the next heartbeat (at once if `ready`
+        changed, since others wait on it)."""
+        with self._rec_lock:
+            flipped = progress.ready != self._progress.ready
+            self._progress = progress
+        if flipped and self._started:
+            self._publish(wait=False)
+
+    def peers_at_my_step(self) -> list[PeerRecord]:
+        """Other live peers training for the same round as us (cached; costs nothing)."""
+        return at_step(self.view.live(), self.peer_id, self._epoch, self._step)
+
+    def verdict(self, fresh: bool = False) -> Verdict:
+        """Does the swarm's majority line hold our θ_g? (lineage.py)"""
+        return verdict(self._my_record(), self.view.live(fresh))
+
+    def _check_state(self, fresh: bool) -> None:
+        v = self.verdict(fresh)
+        if not v.ok:
+            raise NeedResync(v.reason, None if v.source is None else v.source.public())
 
     def publish_progress(self, info: dict) -> None:
-        """Attach app progress (step, loss, tokens_per_s, params_hash, ...) to our record."""
+        """Attach app info (loss, tokens_per_s, ...) to our record, shown by `status`."""
         try:
-            self._info = opt_info({"info": dict(info)})
+            info = opt_info({"info": dict(info)})
         except Malformed as e:
             raise ValueError(f"invalid progress info: {e}") from None
-        self._publish(wait=True)
+        with self._rec_lock:
+            self._info = info
+        self._publish(wait=False)
 
     def advertise_state(self, endpoint: str, curve_key: str) -> None:
         """Publish where our state server listens (peers/state_transfer.py), for joiners."""
@@ -246,8 +332,8 @@ class Swarm:
         self._publish(wait=True)
 
     def list_peers(self) -> list[dict]:
-        """Live peers' records from the DHT (may be stale by up to record_ttl_s)."""
-        recs = self.dht.fetch(self.dht.key("peers"), PeerRecord.from_dict)
+        """Live peers' records (fresh from the DHT), as plain dicts."""
+        recs = self.view.live(fresh=True)
         return [r.public() for r in sorted(recs, key=lambda r: r.peer_id)]
 
     def growth_history(self) -> list[dict]:
@@ -268,28 +354,56 @@ class Swarm:
     def dropped_frames(self) -> int:
         return self.transport.dropped
 
-    def _record(self) -> dict:
-        return PeerRecord(
-            self.peer_id,
-            self.me.endpoint,
-            self.me.curve_key,
-            self._epoch,
-            self._last_round,
-            self._in_round,
-            time.time(),
-            self._state[0],
-            self._state[1],
-            self._info,
-        ).to_dict()
+    def _my_record(self) -> PeerRecord:
+        with self._rec_lock:
+            p = self._progress
+            return PeerRecord(
+                self.peer_id,
+                self.me.endpoint,
+                self.me.curve_key,
+                self._epoch,
+                self._step,
+                self._hash,
+                self._lineage,
+                int(p.tokens),
+                float(p.tokens_per_s),
+                float(p.eta_s),
+                p.ready,
+                p.late,
+                self._round,
+                tuple(self._commits),
+                time.time(),
+                self._state[0],
+                self._state[1],
+                dict(self._info),
+            )
 
-    def _set_in_round(self, value: tuple[int, int, int] | None) -> None:
-        if value != self._in_round:
-            self._in_round = value
-            # Not awaited: the flag only narrows a race (see membership.py), and a slow DHT
-            # must not delay the data phase.
-            self._publish(wait=False)
+    def _on_phase(self, g: Group, phase: str) -> None:
+        self._set_round(RoundState(g.epoch, g.step, g.attempt, g.rid, phase))
+
+    def _set_round(self, value: RoundState) -> None:
+        with self._rec_lock:
+            self._round = value
+        # Not awaited: a slow DHT must not delay the data phase.
+        self._publish(wait=False)
+
+    def _heartbeat(self) -> None:
+        """Republish our record and refresh the swarm view, every heartbeat_s."""
+        beats = 0
+        while not self._stop.wait(self.cfg.heartbeat_s):
+            beats += 1
+            try:
+                self._publish(wait=True)
+                self.view.refresh()
+                if beats % 5 == 0:
+                    self.dht.rejoin()
+            except Exception as e:  # never let the heartbeat die silently
+                log.warning("heartbeat failed: %s", e)
 
     def _publish(self, wait: bool) -> None:
+        # Expiry well past death: stale records are ignored by age (progress.is_live), and
+        # `status` can still show a peer that just died.
+        ttl = 4 * self.cfg.dead_after_s + 10.0
         self.dht.store(
-            self.dht.key("peers"), self.peer_id, self._record(), self.cfg.record_ttl_s, wait=wait
+            self.dht.key("peers"), self.peer_id, self._my_record().to_dict(), ttl, wait=wait
         )

@@ -1,7 +1,9 @@
 """One swarm peer as a process, for the integration tests and the all-reduce benchmark.
 
 Runs `--rounds` all-reduces of a deterministic random vector per (seed, step), int8-encoded,
-and prints one JSON line per event on stdout:
+each after an "inner phase" of `--inner-s` seconds (sleeping, and reporting progress with an
+ETA as a training peer does: the protocol's timing sees exactly what it sees in a real run,
+without burning the test machine's cores), and prints one JSON line per event on stdout:
   {"event": "ready", "maddr", "peer_id", "endpoint", "curve_key"}
   {"event": "round", "step", "sha256", "members", "bytes_sent", "bytes_recv", "attempts", ...}
   {"event": "fault", "step", "phase"}     (then hangs until the test kills or stops it)
@@ -26,7 +28,7 @@ import torch
 
 from compression.codec import get_codec
 from peers.errors import NeedResync, RoundFailed
-from peers.swarm import Swarm, SwarmConfig
+from peers.swarm import Progress, Swarm, SwarmConfig
 
 GROW = {"kind": "experts", "factor": 2, "alpha": 0.0, "seed": 7}
 
@@ -42,17 +44,27 @@ def emit(**kw: object) -> None:
 
 
 def fault_hook(spec: str | None):
-    """`--fault STEP:PHASE` makes this peer announce the fault and hang right there."""
+    """`--fault STEP:PHASE[:SECONDS]` makes this peer announce the fault and hang right
+    there (for SECONDS, then carry on: a stall; without it, until the test kills us)."""
     if not spec:
         return None
-    step_s, phase = spec.split(":")
+    step_s, phase, *stall = spec.split(":")
 
     def hook(at_phase: str, step: int) -> None:
         if step == int(step_s) and at_phase == phase:
             emit(event="fault", step=step, phase=phase)
-            time.sleep(3600)  # the test SIGKILLs or SIGSTOPs us here
+            time.sleep(float(stall[0]) if stall else 3600)
 
     return hook
+
+
+def inner_phase(swarm: Swarm, seconds: float, weight: float) -> None:
+    """Stand-in for H inner steps: sleep, reporting tokens and the ETA to ready."""
+    t0 = time.monotonic()
+    while (left := seconds - (time.monotonic() - t0)) > 0:
+        done = seconds - left
+        swarm.report(Progress(tokens=int(1000 * weight * done / seconds), eta_s=left))
+        time.sleep(min(left, 0.1))
 
 
 def main() -> None:
@@ -65,6 +77,9 @@ def main() -> None:
     ap.add_argument("--weight", type=float, default=1.0)
     ap.add_argument("--codec", default="int8")
     ap.add_argument("--matchmaking-s", type=float, default=1.0)
+    ap.add_argument("--heartbeat-s", type=float, default=0.5)
+    ap.add_argument("--inner-s", type=float, default=0.0, help="seconds of 'training' per round")
+    ap.add_argument("--max-wait-s", type=float, default=60.0)
     ap.add_argument("--phase-timeout", type=float, default=5.0)
     ap.add_argument("--round-timeout", type=float, default=60.0)
     ap.add_argument("--min-peers", type=int, default=1)
@@ -98,6 +113,8 @@ def main() -> None:
         run=args.run,
         initial_peers=tuple(args.join),
         matchmaking_s=args.matchmaking_s,
+        heartbeat_s=args.heartbeat_s,
+        max_wait_s=args.max_wait_s,
         phase_timeout_s=args.phase_timeout,
         round_timeout_s=args.round_timeout,
         min_peers=args.min_peers,
@@ -118,10 +135,12 @@ def main() -> None:
         while len(swarm.list_peers()) < args.wait_peers and time.monotonic() < until:
             time.sleep(0.2)
         codec = get_codec(args.codec)
-        params_hash, epoch = "init", 0
+        params_hash, epoch, members = "init", 0, 0
         for step in range(args.rounds):
             enc = codec.encode(contribution(args.seed, step, args.numel))
             claimed = "forged" if step == args.bad_hash_step else params_hash
+            swarm.set_state(epoch, step, claimed, members)
+            inner_phase(swarm, args.inner_s, args.weight)
             vote = GROW if step in args.vote_step else None
             try:
                 res = swarm.all_reduce(
@@ -133,6 +152,7 @@ def main() -> None:
             if res.committed_vote is not None:
                 epoch += 1  # what the app does: apply the growth event, next arch epoch
             params_hash = hashlib.sha256(res.mean.numpy().tobytes()).hexdigest()
+            members = len(res.members)
             if args.out:
                 np.save(os.path.join(args.out, f"{args.seed}_{step}.npy"), res.mean.numpy())
             emit(

@@ -16,7 +16,7 @@ from peers.consensus import majority_state, tally, vote_hash, votes_needed
 from peers.dht import SwarmDHT, peer_id_of
 from peers.errors import Malformed
 from peers.messages import header, parse
-from peers.records import Announcement, HistoryEntry, PeerRecord
+from peers.records import Announcement, HistoryEntry, PeerRecord, RoundState
 from peers.rounds import check_shard
 from peers.schema import canonical_bytes, opt_vote, req_endpoint, req_float, req_int
 
@@ -173,12 +173,36 @@ def test_majority_state_prefers_the_majority_then_the_leader():
 
 def test_records_round_trip_and_reject_garbage():
     rec = PeerRecord(
-        "ab" * 10, "tcp://127.0.0.1:1", KEY, 1, 5, (1, 6, 0), 1.0, info={"loss": 2.5, "step": 5}
+        "ab" * 10,
+        "tcp://127.0.0.1:1",
+        KEY,
+        1,
+        5,
+        "h5",
+        ((4, "h4", 3), (5, "h5", 3)),
+        1024,
+        100.0,
+        3.5,
+        False,
+        True,
+        RoundState(1, 5, 0, "00" * 8, "voted"),
+        ("11" * 8,),
+        1.0,
+        info={"loss": 2.5, "step": 5},
     )
     assert PeerRecord.from_dict(rec.to_dict()) == rec
     assert rec.public()["loss"] == 2.5 and rec.public()["arch_epoch"] == 1
-    with pytest.raises(Malformed):
-        PeerRecord.from_dict({**rec.to_dict(), "info": {"x": [1, 2]}})
+    for bad in (
+        {"info": {"x": [1, 2]}},
+        {"lineage": [[1, "h"]]},
+        {"lineage": [[i, "h", 1] for i in range(17)]},
+        {"round": [1, 5, 0, "00" * 8, "dancing"]},
+        {"ready": 1},
+        {"commits": ["zz"]},
+        {"eta_s": float("nan")},
+    ):
+        with pytest.raises(Malformed):
+            PeerRecord.from_dict({**rec.to_dict(), **bad})
     ann = Announcement(
         "ab" * 10, "tcp://127.0.0.1:1", KEY, 0, 1.0, "h", 10, "int8", 256, {"kind": "depth"}
     )

@@ -1,0 +1,98 @@
+"""Whose θ_g is the swarm's: the majority rule, evaluated on heartbeat records.
+
+Every record carries the state its peer holds (epoch, step, θ_g hash) and its recent
+lineage: (step, hash, members of the round that produced it) for the last few commits.
+Two peers are *compatible* when their lineages agree at the latest step both know: then
+the one at the lower step is simply behind and catches up. Otherwise they *diverged* (a
+partition, a half-applied round) and the branch held by more live peers wins, then the
+branch whose latest round had more members, then the higher step. Never "the highest
+step": a lone fast partition cannot overwrite the majority's work.
+
+Pure functions, so every peer evaluating the same records reaches the same verdict.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from peers.records import PeerRecord
+
+
+def history(r: PeerRecord) -> dict[int, str]:
+    """step -> θ_g hash, as far back as this record remembers (its current state included)."""
+    h = {step: ph for step, ph, _ in r.lineage}
+    h[r.step] = r.params_hash
+    return h
+
+
+def compatible(a: PeerRecord, b: PeerRecord) -> bool:
+    """Do a and b lie on one line of history (one may be behind the other)?"""
+    ha, hb = history(a), history(b)
+    common = set(ha) & set(hb)
+    if not common:
+        # Nothing in common within the remembered window: same only if it is the same state.
+        return a.claim == b.claim
+    s = max(common)
+    return ha[s] == hb[s]
+
+
+def _members(r: PeerRecord) -> int:
+    return next((m for step, _, m in reversed(r.lineage) if step == r.step), 0)
+
+
+@dataclass(frozen=True)
+class Branch:
+    tip: PeerRecord  # the most advanced holder of this line of history
+    holders: tuple[str, ...]  # live peers on this line
+
+    def rank(self) -> tuple:
+        t = self.tip
+        return (len(self.holders), _members(t), t.arch_epoch, t.step, _neg(t.params_hash))
+
+
+def _neg(h: str) -> tuple[int, ...]:
+    return tuple(-ord(c) for c in h)  # ties go to the smaller hash, deterministically
+
+
+def branches(records: list[PeerRecord]) -> list[Branch]:
+    """Group live records into lines of history, best first."""
+    out: list[tuple[PeerRecord, list[str]]] = []
+    for r in sorted(records, key=lambda r: (-r.arch_epoch, -r.step, r.params_hash, r.peer_id)):
+        for tip, holders in out:
+            if compatible(tip, r):
+                holders.append(r.peer_id)
+                break
+        else:
+            out.append((r, [r.peer_id]))
+    bs = [Branch(tip, tuple(sorted(h))) for tip, h in out]
+    return sorted(bs, key=Branch.rank, reverse=True)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    ok: bool  # we hold the state the swarm's majority line has reached
+    source: PeerRecord | None  # if not ok: a holder of the state to download
+    reason: str
+
+
+def verdict(me: PeerRecord, records: list[PeerRecord]) -> Verdict:
+    """Should `me` keep its θ_g, or adopt the majority line's tip? (`records`: live peers.)"""
+    recs = [r for r in records if r.peer_id != me.peer_id] + [me]
+    best = branches(recs)[0]
+    tip = best.tip
+    if me.peer_id in best.holders and (me.arch_epoch, me.step) >= (tip.arch_epoch, tip.step):
+        return Verdict(True, None, "we hold the majority line's latest state")
+    # Prefer the tip itself as the source; any holder of its exact state will do.
+    holders = [r for r in recs if r.claim == tip.claim and r.peer_id != me.peer_id]
+    source = next((r for r in holders if r.state_endpoint), holders[0] if holders else None)
+    if me.peer_id in best.holders:
+        why = (
+            f"behind: the swarm is at epoch {tip.arch_epoch} step {tip.step}, "
+            f"we are at epoch {me.arch_epoch} step {me.step}"
+        )
+    else:
+        why = (
+            f"diverged: {len(best.holders)} live peer(s) hold θ_g {tip.params_hash} at step "
+            f"{tip.step}; our line ({me.params_hash} at step {me.step}) is the minority"
+        )
+    return Verdict(False, source, why)
