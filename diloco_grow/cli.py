@@ -143,7 +143,18 @@ def plot(metrics: tuple[str, ...], out: str, label: tuple[str, ...]) -> None:
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
 @click.option("--grow", default="", help='Growth votes, e.g. "experts:2@20" (kind:factor@step).')
 @click.option("--max-rounds", type=int, help="Leave after this many rounds.")
-@click.option("--matchmaking-s", default=2.0, show_default=True, help="Group-forming window.")
+@click.option(
+    "--target-tokens",
+    type=int,
+    help="Tokens per round for the whole swarm: each peer trains until the swarm reached "
+    "them (fast peers do more steps). Default: fixed H steps per peer.",
+)
+@click.option("--heartbeat-s", default=2.0, show_default=True, help="Progress heartbeat.")
+@click.option("--matchmaking-s", default=2.0, show_default=True, help="Group-forming grace.")
+@click.option(
+    "--max-wait-s", default=600.0, show_default=True, help="Longest wait for a straggler."
+)
+@click.option("--phase-timeout-s", default=10.0, show_default=True, help="Abort a silent round.")
 @click.option("--round-timeout-s", default=60.0, show_default=True, help="Give up a round after.")
 @click.option("--min-peers", default=1, show_default=True, help="Fewest members for growth.")
 @click.option("--seed", type=int, help="Seed of the initial θ_g (same on every peer).")
@@ -163,7 +174,11 @@ def peer(
     device: str,
     grow: str,
     max_rounds: int | None,
+    target_tokens: int | None,
+    heartbeat_s: float,
     matchmaking_s: float,
+    max_wait_s: float,
+    phase_timeout_s: float,
     round_timeout_s: float,
     min_peers: int,
     seed: int | None,
@@ -187,6 +202,8 @@ def peer(
             },
         )
         schedule = tuple(parse_schedule(grow)) if grow else ()
+        if target_tokens is not None and target_tokens < 1:
+            raise ConfigError(f"--target-tokens must be >= 1, got {target_tokens}")
         if device.startswith("cuda"):
             import torch
 
@@ -210,7 +227,11 @@ def peer(
             device=device,
             max_rounds=max_rounds,
             grow=schedule,
+            target_tokens=target_tokens,
+            heartbeat_s=heartbeat_s,
             matchmaking_s=matchmaking_s,
+            max_wait_s=max_wait_s,
+            phase_timeout_s=phase_timeout_s,
             round_timeout_s=round_timeout_s,
             min_peers=min_peers,
         ),

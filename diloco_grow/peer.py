@@ -1,9 +1,10 @@
 """The peer app: one island of the swarm, running the DiLoCo loop over the network.
 
 start DHT + data plane + state server + control channel → print `ready <multiaddr>`
-join: download θ_g from a live peer (or start from the seed if nobody has state)
-loop: H inner steps → encode Δ → all-reduce with the round's members → Nesterov on θ_g
-      → apply a committed growth event → checkpoint, metrics, progress record
+join: if the swarm's majority line holds another θ_g, download it (hash-verified)
+loop: inner phase (H steps, or until the swarm is ready: pacing.py), reporting progress
+      → one DiLoCo round (loop.outer_round over the swarm) → checkpoint, metrics
+      → if the swarm moved past us: download its θ_g and *shift* our progress onto it
 """
 
 from __future__ import annotations
@@ -27,19 +28,20 @@ from diloco_grow import checkpoint as ckpt
 from diloco_grow.config import RunConfig
 from diloco_grow.data import load_corpus, val_batches
 from diloco_grow.growth import GrowthEvent
+from diloco_grow.loop import RoundOutcome, outer_round
 from diloco_grow.metrics import MetricsWriter
 from diloco_grow.model import MoETransformer
 from diloco_grow.net_averager import NetworkAverager
 from diloco_grow.outer import assign_flat
+from diloco_grow.pacing import PhasePacer
+from diloco_grow.state_sync import fetch_state, holders
 from diloco_grow.train import InnerStats, evaluate
 from diloco_grow.worker import GlobalState, Worker
 from peers.control import ControlServer
-from peers.state_transfer import StateServer, StateTransferError, download_state
-from peers.swarm import NeedResync, RoundFailed, Swarm, SwarmConfig
+from peers.state_transfer import StateServer
+from peers.swarm import NeedResync, Progress, RoundFailed, Swarm, SwarmConfig
 
 log = logging.getLogger("diloco_grow.peer")
-
-MAX_STATE_BYTES = 8 << 30
 
 
 @dataclass(frozen=True)
@@ -54,12 +56,33 @@ class PeerOptions:
     device: str = "cpu"
     max_rounds: int | None = None  # stop after this many completed rounds (None: forever)
     grow: tuple[tuple[int, GrowthEvent], ...] = ()  # votes: (outer step, event)
+    target_tokens: int | None = None  # tokens per round for the whole swarm (None: fixed H)
+    heartbeat_s: float = 2.0
     matchmaking_s: float = 2.0
+    max_wait_s: float = 600.0
+    phase_timeout_s: float = 10.0
     round_timeout_s: float = 60.0
     min_peers: int = 1
     quorum: float = 2 / 3
     eval_every: int = 1
     extra_swarm: dict[str, Any] = field(default_factory=dict)
+
+    def swarm_config(self) -> SwarmConfig:
+        return SwarmConfig(
+            run=self.run,
+            host=self.host,
+            port=self.port,
+            announce_host=self.announce_host,
+            initial_peers=tuple(self.join),
+            heartbeat_s=self.heartbeat_s,
+            matchmaking_s=self.matchmaking_s,
+            max_wait_s=self.max_wait_s,
+            phase_timeout_s=self.phase_timeout_s,
+            round_timeout_s=self.round_timeout_s,
+            min_peers=self.min_peers,
+            quorum=self.quorum,
+            **self.extra_swarm,
+        )
 
 
 class PeerApp:
@@ -74,8 +97,7 @@ class PeerApp:
             batch_size=cfg.inner.batch_size,
             n_batches=cfg.data.val_batches,
         )
-        self.last_inner_s = 0.0
-        self.catch_up = False  # set when θ_g was just downloaded
+        self.late = False  # this phase started from downloaded state (pacing.py)
         self.stats: dict[str, Any] = {
             "loss": None,
             "val_loss": None,
@@ -83,6 +105,9 @@ class PeerApp:
             "bytes_sent": 0,
             "rounds": 0,
             "tokens": 0,
+            "inner_s": 0.0,  # wall time spent in inner steps, since start
+            "discarded_phases": 0,  # inner phases thrown away (only on an architecture change)
+            "resyncs": 0,
         }
 
     # --- start-up -------------------------------------------------------------------
@@ -97,75 +122,38 @@ class PeerApp:
         if o.announce_host:
             state_ep = f"tcp://{o.announce_host}:{state_ep.rsplit(':', 1)[1]}"
         self.swarm = Swarm(
-            SwarmConfig(
-                run=o.run,
-                host=o.host,
-                port=o.port,
-                announce_host=o.announce_host,
-                initial_peers=tuple(o.join),
-                matchmaking_s=o.matchmaking_s,
-                round_timeout_s=o.round_timeout_s,
-                min_peers=o.min_peers,
-                quorum=o.quorum,
-                **o.extra_swarm,
-            ),
+            o.swarm_config(),
             state_endpoint=state_ep,
             state_curve_key=self.state_server.public_key,
         )
         self.swarm.start()
-        self.g = self._initial_state()
+        self.g = self._local_state()
         # Each peer draws its own batches: the data stream is keyed by the peer id.
         worker_id = int.from_bytes(self.swarm.peer_id.encode()[-6:], "little") % (1 << 30)
         self.worker = Worker(self.cfg, self.g, self.corpus, worker=worker_id, device=o.device)
         self._restore_private()
+        self.swarm.set_state(self.g.arch_epoch, self.g.step, self.g.hash(), 0)
         self.averager = NetworkAverager(self.swarm, lambda: self.g.arch_epoch)
         self.metrics = MetricsWriter(Path(o.out_dir) / "metrics.jsonl", append=True)
+        # Join: adopt the majority line's θ_g if it is not ours (a fresh peer, a restart).
+        v = self.swarm.verdict(fresh=True)
+        if not v.ok and v.source is not None:
+            log.info("joining: %s", v.reason)
+            self._resync(v.source.public())
+        # Joining a round already under way: stop with the others, not H steps later.
+        self.late = self.late or any(r.tokens > 0 for r in self.swarm.peers_at_my_step())
         self._publish()
         return self.swarm.visible_maddrs[0]
 
-    def _initial_state(self) -> GlobalState:
+    def _local_state(self) -> GlobalState:
         ckpt_file = self._ckpt_file()
-        local = None
         if ckpt_file is not None and ckpt_file.is_file():
             tensors, meta = ckpt.read_checkpoint(ckpt_file)
-            local = ckpt.global_from(tensors, meta)
             self._private = (tensors, meta)
-            log.info("resumed checkpoint %s at step %d", ckpt_file, local.step)
-        remote = self._download_from_swarm(min_step=local.step + 1 if local else 0)
-        if remote is not None:
-            return remote
-        return local or GlobalState.init(self.cfg)
-
-    def _download_from_swarm(self, min_step: int = 0) -> GlobalState | None:
-        """Newest state any live peer serves, if newer than `min_step`; None if nobody has."""
-        peers = sorted(self.swarm.list_peers(), key=lambda p: -int(p.get("step", 0)))
-        for p in peers:
-            if p.get("peer_id") == self.swarm.peer_id or not p.get("state_endpoint"):
-                continue
-            if int(p.get("step", 0)) < min_step:
-                continue
-            try:
-                meta, blob = download_state(
-                    p["state_endpoint"],
-                    p.get("state_curve_key"),
-                    timeout=60.0,
-                    max_bytes=MAX_STATE_BYTES,
-                )
-                g = ckpt.global_from(*ckpt.unpack_state(blob))
-            except (StateTransferError, ckpt.CheckpointError) as e:
-                log.warning("state download from %s failed: %s", p.get("peer_id"), e)
-                continue
-            log.info(
-                "downloaded state at step %d (arch epoch %d) from %s",
-                g.step,
-                g.arch_epoch,
-                p.get("peer_id"),
-            )
-            # Our next round is this very step: join it at once with nothing to add
-            # (weight 0) so we are in the group before the others finish their phase.
-            self.catch_up = True
+            g = ckpt.global_from(tensors, meta)
+            log.info("resumed checkpoint %s at step %d", ckpt_file, g.step)
             return g
-        return None
+        return GlobalState.init(self.cfg)
 
     def _restore_private(self) -> None:
         private = getattr(self, "_private", None)
@@ -174,71 +162,126 @@ class PeerApp:
 
     # --- the DiLoCo loop ------------------------------------------------------------
     def run(self) -> None:
-        o, H = self.opts, self.cfg.inner.steps
+        o = self.opts
         votes = dict(o.grow)
         while not self.stopping.is_set():
             if o.max_rounds is not None and self.stats["rounds"] >= o.max_rounds:
                 break
-            # --- inner phase -----------------------------------------------------------
-            t0 = time.perf_counter()
-            if self.catch_up:  # just downloaded θ_g: sync first, train after
-                inner = InnerStats(self.stats["loss"] or float("nan"), float("nan"), 0, 0)
-                self.catch_up = False
-            else:
-                inner = self.worker.inner_phase(H)
-                self.last_inner_s = time.perf_counter() - t0
-                self.stats["loss"] = inner.ce_loss
-                self.stats["tokens_per_s"] = inner.tokens / max(1e-9, self.last_inner_s)
+            # --- inner phase: until H steps, the swarm's token target, or (late) the others
+            inner = self._inner_phase()
             if self.stopping.is_set():
                 break
-            # --- outer round: all-reduce Δ, Nesterov on θ_g ----------------------------
-            contrib = self.worker.contribution(self.g)
+            if self.worker.tokens_since_sync == 0:
+                continue  # the swarm moved on before we trained a step: resync first
+            # --- outer round: all-reduce Δ, Nesterov on θ_g, growth (loop.py) -----------
             vote = votes.get(self.g.step + 1)
             try:
-                res = self.averager.average(
-                    [contrib],
-                    step=self.g.step,
-                    params_hash=self.g.hash(),
-                    vote=vote.to_dict() if vote else None,
-                )
+                out = outer_round(self.g, [self.worker], self.averager, vote=vote, guard=self.lock)
             except NeedResync as e:
-                self.worker.round_failed()
                 log.warning("resync: %s", e)
-                self._resync()
+                self._resync(e.source)
                 continue
             except RoundFailed as e:
                 # Keep the local progress; the next Δ covers this phase too.
-                self.worker.round_failed()
-                log.warning("round at step %d failed (%s); continuing locally", self.g.step, e)
+                log.warning("round at step %d failed (%s); training on", self.g.step, e)
                 continue
-            with self.lock:
-                self.g.outer_step(res.mean)
-                self.worker.sync_to(self.g)
-                event = GrowthEvent.from_dict(res.committed) if res.committed else None
-                if event is not None:
-                    index_map = self.g.grow(event)
-                    self.worker.follow_growth(self.g, index_map)
+            except ValueError as e:  # a committed vote that is no valid growth event
+                log.error("round at step %d not applied: %s", self.g.step, e)
+                continue
+            self.swarm.set_state(self.g.arch_epoch, self.g.step, self.g.hash(), out.result.members)
+            self.late = False
             self.stats["rounds"] += 1
-            self.stats["bytes_sent"] += res.bytes_sent
+            self.stats["bytes_sent"] += out.result.bytes_sent
             self.stats["tokens"] += inner.tokens
-            self._after_round(res, inner, event)
+            self._after_round(out, inner)
 
-    def _resync(self) -> None:
-        g = None
+    def _inner_phase(self) -> InnerStats:
+        """Train until pacing.py says the phase is over, reporting progress every step."""
+        w = self.worker
+        pacer = PhasePacer(
+            self.cfg.inner.steps,
+            w.inner.tokens_per_step,
+            self.opts.target_tokens,
+            late=self.late,
+            step_s=getattr(self, "_step_s", 0.0),
+        )
+        t0 = last = time.perf_counter()
+
+        def step_done(done: int) -> bool:
+            nonlocal last
+            now = time.perf_counter()
+            pacer.observe(now - last)
+            last = now
+            others = self.swarm.peers_at_my_step()
+            mine = w.tokens_since_sync
+            self.swarm.report(
+                Progress(
+                    tokens=mine,
+                    tokens_per_s=w.inner.tokens_per_step / max(pacer.step_s, 1e-6),
+                    eta_s=pacer.eta(done, mine, others),
+                    late=self.late,
+                )
+            )
+            if self.stopping.is_set() or pacer.over(done, mine, others):
+                return True
+            # The swarm moved past our θ_g (we were stopped, partitioned, too slow): stop
+            # now; the round raises NeedResync and our progress is shifted, not lost.
+            return done % 10 == 0 and not self.swarm.verdict().ok
+
+        # Fixed H bounds the phase; with a token target only the swarm's progress does.
+        limit = self.cfg.inner.steps if not self.opts.target_tokens else 1 << 40
+        inner = w.inner_phase(limit, step_done)
+        self._step_s = pacer.step_s
+        elapsed = time.perf_counter() - t0
+        self.stats["inner_s"] += elapsed
+        if inner.steps:
+            self.stats["loss"] = inner.ce_loss
+            self.stats["tokens_per_s"] = inner.tokens / max(1e-9, elapsed)
+        return inner
+
+    def _resync(self, source: dict | None) -> None:
+        """Adopt the majority line's θ_g, shifting our inner progress onto it."""
+        got = None
         deadline = time.monotonic() + self.opts.round_timeout_s
-        while g is None and time.monotonic() < deadline and not self.stopping.is_set():
-            g = self._download_from_swarm(min_step=0)
-            if g is None:
-                time.sleep(1.0)
-        if g is None:
-            log.warning("no peer could serve state; continuing from our own")
+        while got is None and time.monotonic() < deadline and not self.stopping.is_set():
+            if source is None:
+                v = self.swarm.verdict(fresh=True)
+                if v.ok:
+                    return  # the swarm came back to us
+                source = None if v.source is None else v.source.public()
+            if source is not None:
+                got = fetch_state(holders(source, self.swarm.list_peers(), self.swarm.peer_id))
+            if got is None:
+                source = None  # it moved on (or died): ask the swarm again
+                time.sleep(self.opts.heartbeat_s)
+        if got is None:
+            log.warning("no peer could serve the swarm's state; training on from our own")
             return
+        new, src = got
         with self.lock:
-            self.g = g
-            self.worker.resync(g)
+            old = self.g
+            if new.model_cfg == old.model_cfg:
+                self.worker.shift(old, new)  # keeps the inner progress of this phase
+            else:
+                if self.worker.tokens_since_sync:
+                    self.stats["discarded_phases"] += 1
+                    log.warning("architecture changed while we were away: local progress lost")
+                self.worker.resync(new)
+            self.g = new
+        members = next((m for s, _, m in reversed(src.get("lineage", [])) if s == new.step), 0)
+        self.swarm.set_state(new.arch_epoch, new.step, new.hash(), members, src.get("lineage"))
+        self.stats["resyncs"] += 1
+        self.late = True
+        log.info(
+            "adopted the swarm's θ_g %s at step %d (epoch %d) from %s",
+            new.hash(),
+            new.step,
+            new.arch_epoch,
+            src.get("peer_id"),
+        )
 
-    def _after_round(self, res: Any, inner: Any, event: GrowthEvent | None) -> None:
-        g = self.g
+    def _after_round(self, out: RoundOutcome, inner: InnerStats) -> None:
+        g, res, event = self.g, out.result, out.event
         val_loss = None
         if self.opts.eval_every and g.step % self.opts.eval_every == 0:
             model = MoETransformer(g.model_cfg)
@@ -251,13 +294,18 @@ class PeerApp:
             "arch_epoch": g.arch_epoch,
             "params_hash": h,
             "members": res.members,
+            "member_ids": res.member_ids,
+            "weight": inner.tokens,
             "train_loss": inner.ce_loss if inner.steps else None,
             "val_loss": val_loss,
             "tokens": self.stats["tokens"],
+            "inner_steps": inner.steps,
             "bytes_sent": res.bytes_sent,
             "bytes_sent_per_worker": self.stats["bytes_sent"],
             "round_s": round(res.seconds, 3),
-            "inner_s": round(self.last_inner_s, 3),
+            "inner_s_total": round(self.stats["inner_s"], 3),
+            "discarded_phases": self.stats["discarded_phases"],
+            "resyncs": self.stats["resyncs"],
             "n_params": int(g.theta.numel()),
             "time": time.time(),
             "peer_id": self.swarm.peer_id,
@@ -267,12 +315,13 @@ class PeerApp:
                 **event.to_dict(),
                 "hash": event.hash(),
                 "outer_step": g.step,
-                "n_params_after": int(g.theta.numel()),
+                "n_params_before": out.n_params_before,
+                "n_params_after": out.n_params_after,
             }
         self.metrics.write(record)
-        loss = f"{inner.ce_loss:.4f}" if inner.steps else "- (catch-up)"
+        loss = f"{inner.ce_loss:.4f}" if inner.steps else "-"
         print(
-            f"round step={g.step} members={res.members} loss={loss} "
+            f"round step={g.step} members={res.members} steps={inner.steps} loss={loss} "
             f"val={val_loss if val_loss is None else round(val_loss, 4)} "
             f"bytes={res.bytes_sent} seconds={res.seconds:.2f} hash={h}"
             + (f" grew={event.kind}x{event.factor}" if event else ""),
@@ -305,6 +354,8 @@ class PeerApp:
             "tokens_per_s": round(self.stats["tokens_per_s"], 1),
             "bytes_sent": self.stats["bytes_sent"],
             "n_params": int(self.g.theta.numel()),
+            "discarded_phases": self.stats["discarded_phases"],
+            "resyncs": self.stats["resyncs"],
             "control": self.control.endpoint,
         }
 
