@@ -17,9 +17,10 @@ class SwarmConfig:
     data_port: int = 0  # zmq ROUTER port; 0 = any free port
     initial_peers: tuple[str, ...] = ()  # multiaddrs of live peers to join through
     # Progress heartbeat: every live peer republishes its record this often; a peer whose
-    # record is older than `dead_after_beats` heartbeats is dead and nobody waits for it.
+    # record is older than `dead_after_beats` heartbeats (it missed two) is dead and nobody
+    # waits for it.
     heartbeat_s: float = 2.0
-    dead_after_beats: float = 2.5  # two missed beats, plus half a beat for DHT propagation
+    dead_after_beats: float = 2.0
     # Grace for announcements and JOINs once the swarm is ready (DHT reads lag by ~1 beat).
     matchmaking_s: float = 2.0
     # Ready peers wait for a live peer still training until its own reported ETA (plus two
@@ -32,6 +33,10 @@ class SwarmConfig:
     quorum: float = 2 / 3  # fraction of members that must vote for the identical proposal
     max_frame_bytes: int = 256 << 20  # largest accepted shard frame
     dht_timeout_s: float = 10.0  # any single DHT get/store
+    # One kademlia RPC. While a peer is frozen every DHT read waits this long for it once
+    # (then hivemind drops it), so it must stay below a heartbeat or two; 0 = 1.5 beats,
+    # clamped to [0.5, 3] s (3 s is hivemind's default).
+    dht_rpc_timeout_s: float = 0.0
 
     def __post_init__(self) -> None:
         if not RUN_RE.match(self.run):
@@ -51,6 +56,12 @@ class SwarmConfig:
             raise ValueError(f"quorum must be in (0, 1], got {self.quorum}")
         if self.max_frame_bytes < 1024:
             raise ValueError("max_frame_bytes must be >= 1024")
+
+    @property
+    def rpc_timeout_s(self) -> float:
+        if self.dht_rpc_timeout_s > 0:
+            return self.dht_rpc_timeout_s
+        return min(3.0, max(0.5, 1.5 * self.heartbeat_s))
 
     @property
     def dead_after_s(self) -> float:

@@ -17,6 +17,7 @@ import hashlib
 import logging
 import socket
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -46,11 +47,12 @@ class SwarmDHT:
         announce_host: str | None,
         initial_peers: tuple[str, ...],
         timeout_s: float = 10.0,
+        rpc_timeout_s: float = 3.0,
     ) -> None:
         self.run = run
         self._host, self._port, self._announce = host, port, announce_host
         self._initial = list(initial_peers)
-        self.timeout_s = timeout_s
+        self.timeout_s, self.rpc_timeout_s = timeout_s, rpc_timeout_s
         # A fresh key per Swarm (not hivemind's process-wide one) so that two swarms in one
         # process (tests, benchmarks) are two distinct peers.
         self._validator = RSASignatureValidator(RSAPrivateKey())
@@ -80,6 +82,9 @@ class SwarmDHT:
             initial_peers=self._initial or None,
             start=True,
             record_validators=[self._validator],
+            wait_timeout=self.rpc_timeout_s,
+            # Joining may be slow on a busy machine; only steady-state RPCs must be short.
+            bootstrap_timeout=max(10.0, self.rpc_timeout_s),
             **kw,
         )
 
@@ -118,10 +123,13 @@ class SwarmDHT:
     def fetch(self, key: str, parse: Callable[[dict], T]) -> list[T]:
         """All live records under key, validated; bad ones are logged and skipped."""
         assert self.dht is not None
+        t0 = time.monotonic()
         with self._lock:
             fut = self.dht.get(key, latest=True, return_future=True)
         try:
             found = fut.result(timeout=self.timeout_s)
+            if time.monotonic() - t0 > 1.0:
+                log.info("DHT get of %s took %.1fs", key, time.monotonic() - t0)
         except Exception as e:
             log.warning("DHT get of %s failed: %s", key, e)
             return []

@@ -114,6 +114,11 @@ class Matchmaker:
             present = {pid for pid, a in anns.items() if a.attempt >= ann.attempt}
             now = time.time()
             live = self.view.live(fresh=True)
+            log.debug(
+                "gather step %d: ages %s",
+                req.step,
+                {r.peer_id[:6]: round(time.time() - r.time, 2) for r in self.view.records()},
+            )
             peers = at_step(live, self.me.peer_id, req.epoch, req.step)
             missing = [r for r in peers if r.peer_id not in present]
             cap = ready_at + self.cfg.max_wait_s

@@ -78,7 +78,7 @@ class RoundRunner:
             if k != i:
                 self._send(m, "PART", g, payload=pack(local.slice(*bounds[k])), shard=k)
         marks.append(("parts_sent", time.monotonic()))
-        self._hook("after_parts", g.step)
+        self._hook("after_parts", g.step, g)
 
         acc = _Accumulator(members, bounds[i][1] - bounds[i][0], codec)
         acc.add(i, local.slice(*bounds[i]))
@@ -117,7 +117,7 @@ class RoundRunner:
                 )
                 continue
             progress = time.monotonic()
-        self._hook("after_reduce", g.step)
+        self._hook("after_reduce", g.step, g)
         digest = hashlib.sha256()
         for k in range(n_members):
             digest.update(reduced[k])
@@ -140,7 +140,7 @@ class RoundRunner:
                 self._send(m, "DONE", g, digest=digest)
                 sent += 1
                 if sent == 1:
-                    self._hook("mid_done", g.step)  # a fault here: some members have our vote
+                    self._hook("mid_done", g.step, g)  # a fault here: some members have our vote
         dones[i] = digest
         until = min(deadline, time.monotonic() + self.phase_timeout_s)
         while len(dones) < len(g.members):
@@ -156,7 +156,7 @@ class RoundRunner:
                 if dones[k] != digest:
                     # Nobody can hold P equal votes now: aborting is safe for everyone.
                     self._abort(g, f"{msg.sender} reduced different bytes ({dones[k][:12]}…)")
-        self._hook("before_commit", g.step)
+        self._hook("before_commit", g.step, g)
         self._phase(g, "committed")
 
     def _stuck(self, g: Group, deadline: float) -> None:
@@ -268,9 +268,11 @@ class RoundRunner:
             raise RoundAborted(reason, next_attempt=g.attempt + 1)
         raise exc(reason)
 
-    def _hook(self, phase: str, step: int) -> None:
+    def _hook(self, phase: str, step: int, g: Group | None = None) -> None:
         if self.hook is not None:
             self.hook(phase, step)
+            if g is not None and g.leader.peer_id == self.me:
+                self.hook("leader_" + phase, step)  # faults aimed at whoever leads
 
 
 class _Accumulator:

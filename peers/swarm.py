@@ -56,7 +56,13 @@ class Swarm:
     ) -> None:
         self.cfg = cfg
         self.dht = SwarmDHT(
-            cfg.run, cfg.host, cfg.port, cfg.announce_host, cfg.initial_peers, cfg.dht_timeout_s
+            cfg.run,
+            cfg.host,
+            cfg.port,
+            cfg.announce_host,
+            cfg.initial_peers,
+            cfg.dht_timeout_s,
+            cfg.rpc_timeout_s,
         )
         self.peer_id = self.dht.peer_id
         self._state = (state_endpoint, state_curve_key)
@@ -71,7 +77,7 @@ class Swarm:
         self._round: RoundState | None = None
         self._commits: deque[str] = deque(maxlen=MAX_COMMITS)
         self._stop = threading.Event()
-        self._beat: threading.Thread | None = None
+        self._beats: list[threading.Thread] = []
         self._started = False
         self.visible_maddrs: list[str] = []
 
@@ -108,8 +114,12 @@ class Swarm:
         self._started = True
         self._publish(wait=True)
         self.view.refresh()
-        self._beat = threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True)
-        self._beat.start()
+        self._beats = [
+            threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True),
+            threading.Thread(target=self._watch, name="swarm-view", daemon=True),
+        ]
+        for t in self._beats:
+            t.start()
         log.info(
             "peer %s up: data plane %s, DHT %s", self.peer_id, self.me.endpoint, self.visible_maddrs
         )
@@ -123,8 +133,8 @@ class Swarm:
         if getattr(self, "mailbox", None) is not None:
             self.mailbox.closing.set()
         self._stop.set()
-        if self._beat is not None:
-            self._beat.join(timeout=self.cfg.dht_timeout_s + self.cfg.heartbeat_s)
+        for t in self._beats:
+            t.join(timeout=self.cfg.dht_timeout_s + self.cfg.heartbeat_s)
         got = self._lock.acquire(timeout=max(5.0, self.cfg.dht_timeout_s))
         try:
             if getattr(self, "transport", None) is not None:
@@ -388,17 +398,29 @@ class Swarm:
         self._publish(wait=False)
 
     def _heartbeat(self) -> None:
-        """Republish our record and refresh the swarm view, every heartbeat_s."""
+        """Republish our record every heartbeat_s, at a fixed rate: the store is not awaited,
+        so a slow DHT never stretches the interval others measure our liveness by."""
+        next_beat = time.monotonic()
+        while True:
+            next_beat += self.cfg.heartbeat_s
+            if self._stop.wait(max(0.0, next_beat - time.monotonic())):
+                return
+            try:
+                self._publish(wait=False)
+            except Exception as e:  # never let the heartbeat die silently
+                log.warning("heartbeat failed: %s", e)
+
+    def _watch(self) -> None:
+        """Refresh the swarm view every heartbeat (reads block, so in their own thread)."""
         beats = 0
         while not self._stop.wait(self.cfg.heartbeat_s):
             beats += 1
             try:
-                self._publish(wait=True)
                 self.view.refresh()
                 if beats % 5 == 0:
                     self.dht.rejoin()
-            except Exception as e:  # never let the heartbeat die silently
-                log.warning("heartbeat failed: %s", e)
+            except Exception as e:
+                log.warning("swarm view refresh failed: %s", e)
 
     def _publish(self, wait: bool) -> None:
         # Expiry well past death: stale records are ignored by age (progress.is_live), and

@@ -26,17 +26,27 @@ from compression.codec import get_codec
 HERE = Path(__file__).resolve().parent
 
 NUMEL = 100_000
-WEIGHTS = {0: 1.0, 1: 2.0, 2: 3.0}
-FAST = ["--matchmaking-s", "1.0", "--phase-timeout", "4", "--round-timeout", "60"]
+WEIGHTS = {0: 1.0, 1: 2.0, 2: 3.0, 3: 4.0}
+FAST = [
+    "--heartbeat-s",
+    "0.3",
+    "--matchmaking-s",
+    "1.0",
+    "--phase-timeout",
+    "4",
+    "--round-timeout",
+    "60",
+]
 
 
 class Peer:
     """A worker process whose stdout JSON events are collected by a reader thread."""
 
-    def __init__(self, seed: int, args: list[str], log_dir: Path) -> None:
+    def __init__(self, seed: int, args: list[str], log_dir: Path, prefix: list[str] = ()) -> None:
         self.seed = seed
         self.err_path = log_dir / f"peer{seed}.err"
         cmd = [
+            *prefix,  # e.g. `ip netns exec NS` for partition tests
             sys.executable,
             str(HERE / "swarm_worker.py"),
             "--seed",
@@ -85,6 +95,9 @@ class Peer:
     def rounds(self) -> dict[int, dict]:
         return {e["step"]: e for e in self.seen if e["event"] == "round"}
 
+    def of(self, kind: str) -> list[dict]:
+        return [e for e in self.seen if e["event"] == kind]
+
     def signal_group(self, sig: int) -> None:
         try:
             os.killpg(self.proc.pid, sig)
@@ -95,8 +108,9 @@ class Peer:
 class Launcher:
     """Starts n peers (peer 0 first, the others joining it) and kills them all at the end."""
 
-    def __init__(self, log_dir: Path) -> None:
+    def __init__(self, log_dir: Path, netns: object | None = None) -> None:
         self.log_dir = log_dir
+        self.netns = netns  # tests/integration/netns.Netns: peer i runs in namespace i
         self.peers: list[Peer] = []
 
     def start(
@@ -104,13 +118,20 @@ class Launcher:
     ) -> list[Peer]:
         extra = extra or {}
         base = [*FAST, *common, "--wait-peers", str(n), "--out", str(self.log_dir)]
-        first = Peer(0, [*base, *extra.get(0, [])], self.log_dir)
-        self.peers.append(first)
+        first = self._peer(0, [*base, *extra.get(0, [])])
         first.wait_for("ready")
         for seed in range(1, n):
-            args = [*base, *extra.get(seed, []), "--join", first.ready["maddr"]]
-            self.peers.append(Peer(seed, args, self.log_dir))
+            self._peer(seed, [*base, *extra.get(seed, []), "--join", first.ready["maddr"]])
         return self.peers
+
+    def _peer(self, seed: int, args: list[str]) -> Peer:
+        prefix: list[str] = []
+        if self.netns is not None:
+            prefix = self.netns.cmd(seed, [])
+            args = [*args, "--host", self.netns.ips[seed]]
+        p = Peer(seed, args, self.log_dir, prefix)
+        self.peers.append(p)
+        return p
 
     def kill_all(self) -> None:
         for p in self.peers:

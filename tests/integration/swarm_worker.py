@@ -101,17 +101,24 @@ def main() -> None:
         help="claim a wrong θ_g hash at this step (expect NeedResync)",
     )
     ap.add_argument("--linger", type=float, default=1.0, help="seconds to stay up at the end")
+    ap.add_argument(
+        "--resync",
+        action="store_true",
+        help="on NeedResync adopt the majority's state and go on (default: report and stop)",
+    )
+    ap.add_argument("--host", default="127.0.0.1", help="interface (a netns address in tests)")
     args = ap.parse_args()
     logging.basicConfig(
         level=os.environ.get("SWARM_LOG", "INFO"),
         stream=sys.stderr,
-        format=f"[seed {args.seed}] %(levelname)s %(name)s: %(message)s",
+        format=f"%(created).2f [seed {args.seed}] %(levelname)s %(name)s: %(message)s",
     )
     torch.set_num_threads(1)
 
     cfg = SwarmConfig(
         run=args.run,
         initial_peers=tuple(args.join),
+        host=args.host,
         matchmaking_s=args.matchmaking_s,
         heartbeat_s=args.heartbeat_s,
         max_wait_s=args.max_wait_s,
@@ -136,10 +143,13 @@ def main() -> None:
             time.sleep(0.2)
         codec = get_codec(args.codec)
         params_hash, epoch, members = "init", 0, 0
-        for step in range(args.rounds):
+        step, lineage = 0, None
+        while step < args.rounds:
             enc = codec.encode(contribution(args.seed, step, args.numel))
             claimed = "forged" if step == args.bad_hash_step else params_hash
-            swarm.set_state(epoch, step, claimed, members)
+            swarm.set_state(epoch, step, claimed, members, lineage)
+            lineage = None
+            emit(event="phase", step=step, t=time.time())
             inner_phase(swarm, args.inner_s, args.weight)
             vote = GROW if step in args.vote_step else None
             try:
@@ -147,7 +157,17 @@ def main() -> None:
                     enc, args.weight, arch_epoch=epoch, step=step, params_hash=claimed, vote=vote
                 )
             except (NeedResync, RoundFailed) as e:
-                emit(event="error", step=step, kind=type(e).__name__, msg=str(e))
+                emit(event="error", step=step, kind=type(e).__name__, msg=str(e), t=time.time())
+                if isinstance(e, NeedResync) and args.resync and e.source:
+                    # The "state" here is the hash chain: adopt the majority line's tip.
+                    src = e.source
+                    epoch, step, params_hash = src["arch_epoch"], src["step"], src["params_hash"]
+                    lineage = src["lineage"]
+                    members = next((m for s, _, m in reversed(lineage) if s == step), 0)
+                    emit(event="resync", step=step, source=src["peer_id"])
+                    continue
+                if isinstance(e, RoundFailed) and args.resync:
+                    continue
                 break
             if res.committed_vote is not None:
                 epoch += 1  # what the app does: apply the growth event, next arch epoch
@@ -157,6 +177,7 @@ def main() -> None:
                 np.save(os.path.join(args.out, f"{args.seed}_{step}.npy"), res.mean.numpy())
             emit(
                 event="round",
+                t=time.time(),
                 step=step,
                 sha256=params_hash,
                 members=res.members,
@@ -169,6 +190,7 @@ def main() -> None:
                 epoch=epoch,
             )
             swarm.publish_progress({"step": step, "params_hash": params_hash})
+            step += 1
         time.sleep(args.linger)  # let a slower member receive our last COMMIT
         emit(event="done", dropped=swarm.dropped_frames, history=swarm.growth_history())
     finally:
