@@ -26,7 +26,7 @@ import torch
 from diloco_grow import checkpoint as ckpt
 from diloco_grow.config import RunConfig
 from diloco_grow.data import load_corpus, val_batches
-from diloco_grow.growth import GrowthEvent
+from diloco_grow.growth import GrowthEvent, growth_line, n_params_before
 from diloco_grow.metrics import MetricsWriter
 from diloco_grow.model import MoETransformer
 from diloco_grow.net_averager import NetworkAverager
@@ -267,6 +267,7 @@ class PeerApp:
                 **event.to_dict(),
                 "hash": event.hash(),
                 "outer_step": g.step,
+                "n_params_before": n_params_before(g.model_cfg, event),
                 "n_params_after": int(g.theta.numel()),
             }
         self.metrics.write(record)
@@ -278,6 +279,9 @@ class PeerApp:
             + (f" grew={event.kind}x{event.factor}" if event else ""),
             flush=True,
         )
+        if event is not None:
+            e = record["event"]
+            print(growth_line(event, e["n_params_before"], e["n_params_after"], g.step), flush=True)
         self._publish()
         if self._ckpt_file() is not None:
             ckpt.save_checkpoint(self._ckpt_file(), g, [self.worker], {})
@@ -357,9 +361,13 @@ def reap_children(grace: float = 5.0) -> None:
         c.join(timeout=1.0)
 
 
-def run_peer(cfg: RunConfig, opts: PeerOptions) -> None:
-    """CLI entry: start, print the ready line, train until stopped, shut down cleanly."""
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+def run_peer(cfg: RunConfig, opts: PeerOptions, threads: int = 0) -> None:
+    """CLI entry: start, print the ready line, train until stopped, shut down cleanly.
+    `threads`: torch threads, 0 = sized to this machine's cores (one worker here)."""
+    from diloco_grow.threads import default_threads
+
+    torch.set_num_threads(threads or default_threads(workers=1))
+    log.info("torch threads: %d (--threads to change)", torch.get_num_threads())
     app = PeerApp(cfg, opts)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: app.stopping.set())

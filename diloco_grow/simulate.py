@@ -6,6 +6,7 @@ steps with a network Averager instead of LocalAverager.
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +18,7 @@ from tqdm import tqdm
 from diloco_grow import checkpoint as ckpt
 from diloco_grow.config import RunConfig
 from diloco_grow.data import BatchStream, Corpus, load_corpus, val_batches
-from diloco_grow.growth import GrowthEvent
+from diloco_grow.growth import GrowthEvent, growth_line
 from diloco_grow.local_averager import LocalAverager
 from diloco_grow.metrics import MetricsWriter, read_jsonl
 from diloco_grow.model import MoETransformer
@@ -122,6 +123,9 @@ def simulate(cfg: RunConfig, spec: SimSpec, corpus: Corpus | None = None) -> dic
                 }
             )
             val_loss = val_after
+            # stderr: stdout stays one JSON line under --json; tqdm.write keeps the bar whole.
+            line = growth_line(event, n_before, int(g.theta.numel()), g.step)
+            tqdm.write(line, file=sys.stderr)
 
         # --- metrics and checkpoint ------------------------------------------------------
         totals["wall_s"] = time.perf_counter() - t_start

@@ -29,7 +29,7 @@ def cfg():
 
 
 def test_simulate_grow_records_events_and_resumes_after_growth(tmp_path, corpus):
-    schedule = tuple(parse_schedule("experts:2@2,depth:2@3:zero_output"))
+    schedule = tuple(parse_schedule("experts:2@2:alpha=0,depth:2@3:zero_output"))
     full = simulate(
         cfg(),
         SimSpec(
