@@ -217,6 +217,76 @@ def peer(
 
 
 @main.command()
+@click.argument("ckpt", type=click.Path(exists=True))
+@click.option("--prompt", "-p", default="\n", show_default=True, help="Text to continue.")
+@click.option("--max-new-tokens", "-n", default=256, show_default=True, help="Tokens (bytes).")
+@click.option("--temperature", "-t", default=0.8, show_default=True, help="0: greedy.")
+@click.option("--top-k", default=0, show_default=True, help="Sample from the k likeliest (0: all).")
+@click.option("--seed", default=0, show_default=True, help="Sampling seed.")
+@click.option("--threads", default=0, show_default=True, help=THREADS_HELP)
+def generate(
+    ckpt: str,
+    prompt: str,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int,
+    seed: int,
+    threads: int,
+) -> None:
+    """Continue PROMPT with the model in checkpoint CKPT, streaming text as it comes.
+
+    CKPT is a file `simulate` or `peer` wrote (OUT/checkpoint.safetensors,
+    CHECKPOINT_DIR/peer.safetensors) or the folder holding it. Tokens are bytes; the
+    model sees at most its context (seq_len) of them, the newest ones."""
+    import codecs
+    import itertools
+    import time
+
+    from diloco_grow.checkpoint import CheckpointError, load_trained_model
+    from diloco_grow.generate import generate_tokens
+    from diloco_grow.threads import set_threads
+
+    try:
+        set_threads(threads)
+        model, _ = load_trained_model(ckpt)
+        tokens = generate_tokens(
+            model, prompt.encode(), max_new_tokens, temperature, top_k or None, seed
+        )
+        first = next(tokens, None)  # argument errors surface here, before any output
+    except (CheckpointError, ValueError) as e:
+        fail(str(e))
+    out = sys.stdout
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    out.write(prompt)
+    t0, n = time.perf_counter(), 0
+    for tok in itertools.chain([] if first is None else [first], tokens):
+        out.write(decoder.decode(bytes([tok])))
+        out.flush()
+        n += 1
+    out.write(decoder.decode(b"", final=True) + "\n")
+    dt = time.perf_counter() - t0
+    click.echo(f"{n} tokens in {dt:.2f}s ({n / max(dt, 1e-9):.1f} tokens/s)", err=True)
+
+
+@main.command()
+@click.argument("ckpt", type=click.Path(exists=True))
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--format", "fmt", type=click.Choice(["hf"]), default="hf", show_default=True)
+def export(ckpt: str, out: str, fmt: str) -> None:
+    """Write checkpoint CKPT as a Hugging Face model folder OUT (safetensors, config.json,
+    byte-level tokenizer): MixtralForCausalLM, or Qwen2MoeForCausalLM with a shared
+    expert. Load it with AutoModelForCausalLM.from_pretrained(OUT)."""
+    from diloco_grow.checkpoint import CheckpointError
+    from diloco_grow.export import export_hf
+
+    try:
+        summary = export_hf(ckpt, out)
+    except CheckpointError as e:
+        fail(str(e))
+    click.echo(json.dumps(summary, sort_keys=True))
+
+
+@main.command()
 @click.option("--join", multiple=True, required=True, help="Multiaddr of a live peer.")
 @click.option("--run", "run_name", default="diloco", show_default=True, help="Run (swarm) name.")
 @click.option("--json", "as_json", is_flag=True, help='Print {"peers": [...]} as JSON.')

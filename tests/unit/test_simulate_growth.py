@@ -112,6 +112,11 @@ def test_cli_simulate_json_and_grow(tmp_path):
     )
     assert out.returncode == 0, out.stderr
     summary = json.loads(out.stdout.strip().splitlines()[-1])
+    # The growth is announced on stderr (stdout stays one JSON line), once.
+    grew = [ln for ln in out.stderr.splitlines() if ln.startswith("growth ")]
+    assert len(grew) == 1 and grew[0].startswith("growth step=2 experts x2: params "), grew
+    assert "alpha=0.01" in grew[0]
+    assert "torch threads: 1 (2 workers" in out.stderr  # OMP_NUM_THREADS=1 from conftest
     for key in (
         "val_loss",
         "train_loss",
