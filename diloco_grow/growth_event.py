@@ -99,7 +99,7 @@ class GrowthEvent:
 
 def growth_line(event: GrowthEvent, n_before: int, n_after: int, step: int) -> str:
     """The one line a peer, `simulate` and the demo print when a growth event commits,
-    e.g. 'growth step=15 experts x2: params 262,400 -> 492,800 (alpha=0.01, seed=0)'."""
+    e.g. 'growth step=15 experts x2: params 262,976 -> 460,096 (alpha=0.01, seed=0)'."""
     opts = [f"alpha={event.alpha:g}", f"seed={event.seed}"]
     if event.kind == "depth":
         opts.append(f"mode={event.mode}")
