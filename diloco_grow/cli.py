@@ -97,7 +97,7 @@ def simulate(
         n_threads = set_threads(threads, workers)
     except (ConfigError, ValueError) as e:
         fail(str(e))
-    click.echo(f"torch threads: {n_threads} ({workers} workers; --threads to change)", err=True)
+    click.echo(f"torch threads: {n_threads} for {workers} worker(s) (--threads)", err=True)
     spec = SimSpec(
         workers=workers,
         outer_steps=outer_steps,

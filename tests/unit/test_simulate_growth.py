@@ -116,7 +116,7 @@ def test_cli_simulate_json_and_grow(tmp_path):
     grew = [ln for ln in out.stderr.splitlines() if ln.startswith("growth ")]
     assert len(grew) == 1 and grew[0].startswith("growth step=2 experts x2: params "), grew
     assert "alpha=0.01" in grew[0]
-    assert "torch threads: 1 (2 workers" in out.stderr  # OMP_NUM_THREADS=1 from conftest
+    assert "torch threads: 1 for 2 worker(s)" in out.stderr  # OMP_NUM_THREADS=1 (conftest)
     for key in (
         "val_loss",
         "train_loss",
