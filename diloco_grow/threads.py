@@ -2,10 +2,10 @@
 
 torch's default is one thread per core for every process. The models here are small:
 a matmul is over before a thread pool pays off, and two processes that each take every
-core make each op wait for a descheduled sibling (two `simulate` runs side by side ran
-5x slower than one alone). So the default divides the cores this process may use by
-the workers it runs; `--threads N` overrides, and so does an explicit OMP_NUM_THREADS
-(launchers such as `demo` and the tests set it for their children).
+core make each op wait for a descheduled sibling (two `simulate` runs side by side took
+9-12 minutes each for a job of under 2 minutes alone). So the default divides the cores
+this process may use by the workers it runs; `--threads N` overrides, and so does an
+explicit OMP_NUM_THREADS (launchers such as `demo` and the tests set it for children).
 """
 
 from __future__ import annotations
