@@ -143,6 +143,8 @@ def _swarm_opt(flag: str, help: str, **kw: Any) -> Any:
     so an absent flag does not override the run file; its help shows the one default."""
     name = flag.lstrip("-").replace("-", "_")
     default = getattr(SwarmSection(), name)
+    if isinstance(default, float):
+        default = f"{default:g}"
     shown = f"[default: {default}]" if default not in (None, (), "") else ""
     return click.option(flag, name, default=None, help=f"{help} {shown}".strip(), **kw)
 

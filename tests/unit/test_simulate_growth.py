@@ -12,7 +12,7 @@ import torch
 from diloco_grow.config import config_from_dict
 from diloco_grow.data import load_corpus
 from diloco_grow.growth import GrowthEvent, flat_index_map, parse_schedule
-from diloco_grow.metrics import read_jsonl
+from diloco_grow.metrics import growth_marks, plot_runs, read_jsonl
 from diloco_grow.simulate import SimSpec, simulate
 from diloco_grow.worker import GlobalState, Worker
 
@@ -48,6 +48,11 @@ def test_simulate_grow_records_events_and_resumes_after_growth(tmp_path, corpus)
         assert abs(e["val_loss_after"] - e["val_loss_before"]) < 1e-4
     steps = [r for r in recs if "event" not in r]
     assert all("n_params" in r for r in steps)
+    # The plot marks both events, where they happened, with the parameter counts.
+    marks = growth_marks([tmp_path / "a" / "metrics.jsonl"], x="tokens")
+    assert [label.split("\n")[0] for _, label in marks] == ["experts x2", "depth x2"]
+    assert [at for at, _ in marks] == [r["tokens"] for r in recs if "event" in r]
+    assert plot_runs([tmp_path / "a" / "metrics.jsonl"], tmp_path / "a.png").stat().st_size > 0
     assert steps[-1]["n_params"] == events[-1]["n_params_after"]
     assert steps[-1]["arch_epoch"] == 2
 
