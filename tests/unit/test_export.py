@@ -87,8 +87,9 @@ def test_logits_match_transformers(case, corpus):
     ours, g = load_trained_model(ckpt)
     if name != "original":
         assert g.arch_epoch == 2 and ours.cfg.n_layers == 4 and ours.cfg.n_experts == 8
-    hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir)
     assert type(hf).__name__ == arch
+    assert next(hf.parameters()).dtype == torch.float32  # config.json says so
     x = _bytes_batch(corpus, ours.cfg.seq_len)
     with torch.no_grad():
         a, b = ours(x).logits, hf(x).logits
