@@ -152,6 +152,9 @@ def export_hf(ckpt: str | Path, out: str | Path) -> dict[str, Any]:
     config = hf_config(cfg)
     tensors = hf_state_dict(model)
     save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    # safetensors writes through a private temp file (mode 0600); the folder is meant to
+    # be shared and uploaded like the JSON files beside it.
+    (out / "model.safetensors").chmod(0o644)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     generation = {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
