@@ -233,7 +233,9 @@ class Proc:
         self.p.wait()
 
 
-def run_case(impl: str, peers: int, numel: int, rounds: int, mm: float, timeout: float) -> dict:
+def run_case(
+    impl: str, peers: int, numel: int, rounds: int, mm: float, timeout: float, threads: int
+) -> dict:
     common = [
         "--worker",
         impl,
@@ -245,6 +247,8 @@ def run_case(impl: str, peers: int, numel: int, rounds: int, mm: float, timeout:
         str(rounds),
         "--matchmaking-s",
         str(mm),
+        "--threads",
+        str(threads),
     ]
     procs: list[Proc] = []
     try:
@@ -282,17 +286,23 @@ def main() -> None:
     ap.add_argument("--matchmaking-s", type=float, default=1.0)
     ap.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
     ap.add_argument("--timeout", type=float, default=900.0, help="per case")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads per peer process (0: the cores shared by the peers)",
+    )
     # worker mode (internal)
     ap.add_argument("--worker", choices=IMPLS)
     ap.add_argument("--index", type=int, default=0)
     ap.add_argument("--join", action="append", default=[])
     a = ap.parse_args()
     if a.worker:
-        import torch
+        from diloco_grow.threads import set_threads
 
-        # P processes share the cores: one intra-op thread each, for both implementations
-        # (with 2 threads per process on a busy 2-core box, torch ops run ~10x slower).
-        torch.set_num_threads(1)
+        # P processes share the cores, for both implementations (with 2 threads per
+        # process on a busy 2-core box, torch ops run ~10x slower).
+        set_threads(a.threads, workers=a.peers[0])
         a.impl, a.peers, a.numel = a.worker, a.peers[0], a.numel[0]
         (run_ours if a.worker == "ours" else run_hivemind)(a)
         return
@@ -309,7 +319,9 @@ def main() -> None:
             }
             for impl in a.impls:
                 try:
-                    line[impl] = run_case(impl, peers, numel, a.rounds, a.matchmaking_s, a.timeout)
+                    line[impl] = run_case(
+                        impl, peers, numel, a.rounds, a.matchmaking_s, a.timeout, a.threads
+                    )
                 except RuntimeError as e:
                     line[impl] = {"error": str(e)}
             ours, hm8 = line.get("ours", {}), line.get("hm_8bit", {})

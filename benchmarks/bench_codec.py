@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from compression.codec import get_codec
+from diloco_grow.threads import set_threads
 
 warnings.filterwarnings("ignore", category=UserWarning)
 warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -192,13 +193,13 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="1M elements, 2 runs")
     ap.add_argument("--numel", type=int, default=None)
     ap.add_argument("--runs", type=int, default=None)
-    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
     ap.add_argument("--codecs", default=None, help="comma-separated subset of rows")
     ap.add_argument("--out", type=Path, default=None, help="write a markdown table here")
     args = ap.parse_args()
     numel = args.numel or (1 << 20 if args.smoke else 1 << 24)
     runs = args.runs or (2 if args.smoke else 5)
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)  # one codec at a time: every core this process may use
     # bitsandbytes' CPU kernels use the system OpenMP runtime, read when it is first loaded
     # (bitsandbytes is imported lazily, in benches()), so give it the same thread count.
     os.environ["OMP_NUM_THREADS"] = str(args.threads)

@@ -32,6 +32,7 @@ import torch
 from diloco_grow.data import BatchStream, load_corpus, val_batches
 from diloco_grow.growth import GrowthEvent, grow_model
 from diloco_grow.model import ModelConfig, MoETransformer, flops_per_token
+from diloco_grow.threads import set_threads
 
 # Top-1 routing to start: width growth then gives the common 8-expert top-2 layout.
 SMALL = ModelConfig(
@@ -129,13 +130,13 @@ def main() -> None:
     ap.add_argument("--eval-every", type=int, default=40)
     ap.add_argument("--val-batches", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (shared machines: 1)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
     if args.smoke:
         args.t1, args.t2, args.cap, args.eval_every, args.val_batches = "20", 20, 60, 10, 2
         args.batch_size = 8
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)  # one model trains at a time
     t1s = sorted(int(t) for t in args.t1.split(","))
     if args.cap < args.t2 or args.t2 % args.eval_every:
         ap.error("need --cap >= --t2 and --t2 a multiple of --eval-every")

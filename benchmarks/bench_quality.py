@@ -25,11 +25,12 @@ from diloco_grow.config import config_from_dict  # noqa: E402
 from diloco_grow.data import load_corpus  # noqa: E402
 from diloco_grow.metrics import plot_runs  # noqa: E402
 from diloco_grow.simulate import SimSpec, simulate, train_sync  # noqa: E402
+from diloco_grow.threads import default_threads  # noqa: E402
 
 
 def run_arm(name: str, base: dict, H: int, codec: str | None, steps: int, workers: int,
-            out: Path, outer_lr: float) -> dict:
-    torch.set_num_threads(1)  # arms run side by side, one core each
+            out: Path, outer_lr: float, threads: int) -> dict:
+    torch.set_num_threads(threads)
     corpus = load_corpus()
     d = json.loads(json.dumps(base))
     d["inner"]["steps"] = H
@@ -57,6 +58,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--jobs", type=int, default=2, help="arms run in parallel processes")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch threads per arm (0: the cores shared by jobs x workers)")
     args = ap.parse_args()
     steps = args.steps or (40 if args.smoke else 3000)
     Hs = args.H or ([10, 20] if args.smoke else [50, 250, 1000])
@@ -68,9 +71,11 @@ def main() -> None:
     out = Path(args.out)
     work = Path(tempfile.mkdtemp(prefix="bench_quality_"))
     arms = [("sync", min(Hs), None)] + [(f"diloco_H{H}_{c}", H, c) for H in Hs for c in codecs]
+    # --jobs arms run side by side, each with --workers simulated workers: share the cores.
+    threads = args.threads or default_threads(workers=args.jobs * args.workers)
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
         futures = [pool.submit(run_arm, name, base, H, c, steps, args.workers, work,
-                               args.outer_lr) for name, H, c in arms]
+                               args.outer_lr, threads) for name, H, c in arms]
         results = [f.result() for f in futures]  # an arm's failure is a bug: let it raise
     sync = results[0]
     print(json.dumps(sync), flush=True)

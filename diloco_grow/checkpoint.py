@@ -190,3 +190,30 @@ def restore_workers(
     for i, (w, m) in enumerate(zip(workers, meta["workers"], strict=True)):
         load_worker(w, tensors, m, f"w{i}.")
     torch.set_rng_state(tensors["rng.torch"])
+
+
+# --- the trained model, for generate and export --------------------------------------
+
+CHECKPOINT_NAMES = ("checkpoint.safetensors", "peer.safetensors")  # simulate, peer
+
+
+def load_trained_model(path: str | Path) -> tuple[Any, Any]:
+    """(model, global state) from a checkpoint as `simulate` or `peer` write it, or from
+    the folder holding one. The model carries θ_g, the parameters the swarm agreed on,
+    not any worker's local copy; it is in eval mode, on the CPU."""
+    from diloco_grow.model import MoETransformer
+    from diloco_grow.outer import assign_flat
+
+    p = Path(path)
+    if p.is_dir():
+        found = [p / n for n in CHECKPOINT_NAMES if (p / n).is_file()]
+        if not found:
+            raise CheckpointError(
+                f"no {' or '.join(CHECKPOINT_NAMES)} in folder {str(p)!r} (simulate writes "
+                "OUT/checkpoint.safetensors, peer writes CHECKPOINT_DIR/peer.safetensors)"
+            )
+        p = found[0]
+    g = global_from(*read_checkpoint(p))
+    model = MoETransformer(g.model_cfg)
+    assign_flat(model, g.theta)
+    return model.eval(), g

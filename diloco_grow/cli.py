@@ -5,10 +5,16 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
-from diloco_grow.config import ConfigError, build_config
+from diloco_grow.config import ConfigError, SwarmSection, build_config
+
+THREADS_HELP = (
+    "torch intra-op threads; 0: this process's cores divided by its workers "
+    "(or OMP_NUM_THREADS if set)."
+)
 
 
 def fail(msg: str) -> None:
@@ -42,6 +48,7 @@ def main() -> None:
 @click.option("--checkpoint-every", default=0, help="Checkpoint every N outer steps (0: end only).")
 @click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint.safetensors.")
 @click.option("--json", "as_json", is_flag=True, help="Print one final JSON line.")
+@click.option("--threads", default=0, show_default=True, help=THREADS_HELP)
 def simulate(
     workers: int,
     inner_steps: int | None,
@@ -61,11 +68,13 @@ def simulate(
     checkpoint_every: int,
     resume: bool,
     as_json: bool,
+    threads: int,
 ) -> None:
     """Run M DiLoCo workers in one process (research, quick experiments)."""
     from diloco_grow.growth import parse_schedule
     from diloco_grow.simulate import SimSpec, train_sync
     from diloco_grow.simulate import simulate as run_sim
+    from diloco_grow.threads import set_threads
 
     try:
         cfg = build_config(
@@ -85,8 +94,10 @@ def simulate(
         schedule = tuple(parse_schedule(grow)) if grow else ()
         if workers < 1 or outer_steps < 1:
             raise ConfigError("--workers and --outer-steps must be >= 1")
+        n_threads = set_threads(threads, workers)
     except (ConfigError, ValueError) as e:
         fail(str(e))
+    click.echo(f"torch threads: {n_threads} for {workers} worker(s) (--threads)", err=True)
     spec = SimSpec(
         workers=workers,
         outer_steps=outer_steps,
@@ -127,69 +138,69 @@ def plot(metrics: tuple[str, ...], out: str, label: tuple[str, ...]) -> None:
     click.echo(f"wrote {path}")
 
 
+def _swarm_opt(flag: str, help: str, **kw: Any) -> Any:
+    """A `peer` flag backed by the [swarm] field of the same name. It has no click default,
+    so an absent flag does not override the run file; its help shows the one default."""
+    name = flag.lstrip("-").replace("-", "_")
+    default = getattr(SwarmSection(), name)
+    if isinstance(default, float):
+        default = f"{default:g}"
+    shown = f"[default: {default}]" if default not in (None, (), "") else ""
+    return click.option(flag, name, default=None, help=f"{help} {shown}".strip(), **kw)
+
+
 @main.command()
-@click.option("--run", "run_name", default="diloco", show_default=True, help="Run (swarm) name.")
-@click.option("--join", multiple=True, help="Multiaddr of a live peer (repeatable).")
-@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on.")
-@click.option("--port", default=0, show_default=True, help="DHT port (0: any free port).")
-@click.option("--announce-host", help="Public address to announce (behind NAT / in a container).")
+@_swarm_opt("--run", "Run (swarm) name.")
+@_swarm_opt("--join", "Multiaddr of a live peer (repeatable).", multiple=True)
+@_swarm_opt("--host", "Interface to listen on.")
+@_swarm_opt("--port", "DHT port (0: any free port).", type=int)
+@_swarm_opt("--announce-host", "Public address to announce (behind NAT / in a container).")
+@_swarm_opt("--data-port", "zmq data-plane port (0: any free port).", type=int)
 @click.option("--preset", type=click.Choice(["tiny", "small", "base"]), help="Model preset.")
 @click.option("--config", type=click.Path(dir_okay=False), help="Run TOML file.")
 @click.option("--data", type=click.Path(exists=True), help="Text file or folder (default: stdlib).")
 @click.option("--inner-steps", "-H", type=int, help="Inner AdamW steps per round.")
 @click.option("--compression", type=click.Choice(["int8", "int4", "bnb8", "fp16", "none"]))
-@click.option("--checkpoint-dir", type=click.Path(file_okay=False), help="Checkpoint folder.")
-@click.option("--out-dir", default="runs/peer", show_default=True, help="Metrics folder.")
-@click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
-@click.option("--grow", default="", help='Growth votes, e.g. "experts:2@20" (kind:factor@step).')
-@click.option("--max-rounds", type=int, help="Leave after this many rounds.")
-@click.option(
+@_swarm_opt("--checkpoint-dir", "Checkpoint folder.", type=click.Path(file_okay=False))
+@_swarm_opt("--out-dir", "Metrics folder.")
+@_swarm_opt("--device", "cpu or cuda.")
+@_swarm_opt("--threads", THREADS_HELP, type=int)
+@_swarm_opt("--grow", 'Growth votes, e.g. "experts:2@20" (kind:factor@step).')
+@_swarm_opt("--max-rounds", "Leave after this many rounds.", type=int)
+@_swarm_opt(
     "--target-tokens",
+    "Tokens per round for the whole swarm: each peer trains until the live peers together "
+    "reached them (fast peers do more steps). Unset: fixed H steps per peer.",
     type=int,
-    help="Tokens per round for the whole swarm: each peer trains until the swarm reached "
-    "them (fast peers do more steps). Default: fixed H steps per peer.",
 )
-@click.option("--heartbeat-s", default=2.0, show_default=True, help="Progress heartbeat.")
-@click.option("--matchmaking-s", default=2.0, show_default=True, help="Group-forming grace.")
-@click.option(
-    "--max-wait-s", default=600.0, show_default=True, help="Longest wait for a straggler."
-)
-@click.option("--phase-timeout-s", default=10.0, show_default=True, help="Abort a silent round.")
-@click.option("--round-timeout-s", default=60.0, show_default=True, help="Give up a round after.")
-@click.option("--min-peers", default=1, show_default=True, help="Fewest members for growth.")
+@_swarm_opt("--heartbeat-s", "Progress heartbeat (s); silent for two beats = dead.", type=float)
+@_swarm_opt("--matchmaking-s", "Grace for announcements once the swarm is ready (s).", type=float)
+@_swarm_opt("--max-wait-s", "Longest wait for a straggler past its own ETA (s).", type=float)
+@_swarm_opt("--phase-timeout-s", "Abort a round silent this long (s).", type=float)
+@_swarm_opt("--round-timeout-s", "Give up a round after (s).", type=float)
+@_swarm_opt("--min-peers", "Fewest members to average and to commit growth.", type=int)
+@_swarm_opt("--quorum", "Fraction of a round's members that must vote for growth.", type=float)
+@_swarm_opt("--eval-every", "Validation loss every N rounds (0: never).", type=int)
 @click.option("--seed", type=int, help="Seed of the initial θ_g (same on every peer).")
 def peer(
-    run_name: str,
     join: tuple[str, ...],
-    host: str,
-    port: int,
-    announce_host: str | None,
     preset: str | None,
     config: str | None,
     data: str | None,
     inner_steps: int | None,
     compression: str | None,
-    checkpoint_dir: str | None,
-    out_dir: str,
-    device: str,
-    grow: str,
-    max_rounds: int | None,
-    target_tokens: int | None,
-    heartbeat_s: float,
-    matchmaking_s: float,
-    max_wait_s: float,
-    phase_timeout_s: float,
-    round_timeout_s: float,
-    min_peers: int,
     seed: int | None,
+    **swarm: Any,
 ) -> None:
-    """Run one peer of a swarm; prints `ready <multiaddr>` once others can join it."""
+    """Run one peer of a swarm; prints `ready <multiaddr>` once others can join it.
+
+    Every swarm flag can also come from the [swarm] section of --config; a flag wins."""
     import logging
 
-    from diloco_grow.growth import parse_schedule
-    from diloco_grow.peer import PeerOptions, run_peer
+    from diloco_grow.peer import run_peer
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    swarm["join"] = join or None  # click gives () for an absent repeatable flag
     try:
         cfg = build_config(
             config,
@@ -199,12 +210,11 @@ def peer(
                 "data.path": data,
                 "outer.compression": compression,
                 "run.seed": seed,
+                **{f"swarm.{k}": v for k, v in swarm.items()},
             },
         )
-        schedule = tuple(parse_schedule(grow)) if grow else ()
-        if target_tokens is not None and target_tokens < 1:
-            raise ConfigError(f"--target-tokens must be >= 1, got {target_tokens}")
-        if device.startswith("cuda"):
+        opts = cfg.swarm.peer_options()
+        if opts.device.startswith("cuda"):
             import torch
 
             if not torch.cuda.is_available():
@@ -214,28 +224,77 @@ def peer(
                 )
     except (ConfigError, ValueError) as e:
         fail(str(e))
-    run_peer(
-        cfg,
-        PeerOptions(
-            run=run_name,
-            join=join,
-            host=host,
-            port=port,
-            announce_host=announce_host,
-            out_dir=out_dir,
-            checkpoint_dir=checkpoint_dir,
-            device=device,
-            max_rounds=max_rounds,
-            grow=schedule,
-            target_tokens=target_tokens,
-            heartbeat_s=heartbeat_s,
-            matchmaking_s=matchmaking_s,
-            max_wait_s=max_wait_s,
-            phase_timeout_s=phase_timeout_s,
-            round_timeout_s=round_timeout_s,
-            min_peers=min_peers,
-        ),
-    )
+    run_peer(cfg, opts, threads=cfg.swarm.threads)
+
+
+@main.command()
+@click.argument("ckpt", type=click.Path(exists=True))
+@click.option("--prompt", "-p", default="\n", show_default=True, help="Text to continue.")
+@click.option("--max-new-tokens", "-n", default=256, show_default=True, help="Tokens (bytes).")
+@click.option("--temperature", "-t", default=0.8, show_default=True, help="0: greedy.")
+@click.option("--top-k", default=0, show_default=True, help="Sample from the k likeliest (0: all).")
+@click.option("--seed", default=0, show_default=True, help="Sampling seed.")
+@click.option("--threads", default=0, show_default=True, help=THREADS_HELP)
+def generate(
+    ckpt: str,
+    prompt: str,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int,
+    seed: int,
+    threads: int,
+) -> None:
+    """Continue PROMPT with the model in checkpoint CKPT, streaming text as it comes.
+
+    CKPT is a file `simulate` or `peer` wrote (OUT/checkpoint.safetensors,
+    CHECKPOINT_DIR/peer.safetensors) or the folder holding it. Tokens are bytes; the
+    model sees at most its context (seq_len) of them, the newest ones."""
+    import codecs
+    import itertools
+    import time
+
+    from diloco_grow.checkpoint import CheckpointError, load_trained_model
+    from diloco_grow.generate import generate_tokens
+    from diloco_grow.threads import set_threads
+
+    try:
+        set_threads(threads)
+        model, _ = load_trained_model(ckpt)
+        tokens = generate_tokens(
+            model, prompt.encode(), max_new_tokens, temperature, top_k or None, seed
+        )
+        first = next(tokens, None)  # argument errors surface here, before any output
+    except (CheckpointError, ValueError) as e:
+        fail(str(e))
+    out = sys.stdout
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    out.write(prompt)
+    t0, n = time.perf_counter(), 0
+    for tok in itertools.chain([] if first is None else [first], tokens):
+        out.write(decoder.decode(bytes([tok])))
+        out.flush()
+        n += 1
+    out.write(decoder.decode(b"", final=True) + "\n")
+    dt = time.perf_counter() - t0
+    click.echo(f"{n} tokens in {dt:.2f}s ({n / max(dt, 1e-9):.1f} tokens/s)", err=True)
+
+
+@main.command()
+@click.argument("ckpt", type=click.Path(exists=True))
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--format", "fmt", type=click.Choice(["hf"]), default="hf", show_default=True)
+def export(ckpt: str, out: str, fmt: str) -> None:
+    """Write checkpoint CKPT as a Hugging Face model folder OUT (safetensors, config.json,
+    byte-level tokenizer): MixtralForCausalLM, or Qwen2MoeForCausalLM with a shared
+    expert. Load it with AutoModelForCausalLM.from_pretrained(OUT)."""
+    from diloco_grow.checkpoint import CheckpointError
+    from diloco_grow.export import export_hf
+
+    try:
+        summary = export_hf(ckpt, out)
+    except CheckpointError as e:
+        fail(str(e))
+    click.echo(json.dumps(summary, sort_keys=True))
 
 
 @main.command()

@@ -1,18 +1,24 @@
 """Run configuration: small frozen dataclasses per component, loadable from TOML.
 
 Every field is validated when the object is built, so a bad value fails at start-up
-with a message naming the field, not deep inside training.
+with a message naming the field, not deep inside training. One TOML file describes a
+run: [model], [inner], [outer], [data] for training, [swarm] for how a peer joins.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from diloco_grow.model import PRESETS, ModelConfig, model_config_from_dict
+from peers.config import RUN_RE, SwarmConfig
+
+if TYPE_CHECKING:
+    from diloco_grow.peer import PeerOptions
 
 
 class ConfigError(ValueError):
@@ -101,12 +107,155 @@ class DataConfig:
         _check(self.val_batches >= 1, "data.val_batches must be >= 1")
 
 
+def _net_default(name: str) -> Any:
+    """The network layer's default for a swarm setting: peers/config.py owns these, so
+    the run file, the CLI and the swarm can never disagree (one default per setting)."""
+    return next(f.default for f in dataclasses.fields(SwarmConfig) if f.name == name)
+
+
+_DEVICE_RE = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+@dataclass(frozen=True)
+class SwarmSection:
+    """[swarm]: every `diloco-grow peer` option; a CLI flag, when given, wins.
+
+    To add a setting: add a field here (with its check). If PeerOptions or SwarmConfig
+    has a field of the same name, peer_options() carries it over; nothing else to wire.
+    """
+
+    run: str = "diloco"  # swarm name: peers of one run share it
+    join: tuple[str, ...] = ()  # multiaddrs of live peers (their `ready` lines)
+    host: str = _net_default("host")
+    port: int = _net_default("port")  # DHT (libp2p) port; 0 = any free port
+    announce_host: str | None = _net_default("announce_host")  # public address behind NAT
+    data_port: int = _net_default("data_port")  # zmq data-plane port; 0 = any free port
+    target_tokens: int | None = None  # tokens per round for the swarm; None: fixed H steps
+    heartbeat_s: float = _net_default("heartbeat_s")
+    matchmaking_s: float = _net_default("matchmaking_s")
+    max_wait_s: float = _net_default("max_wait_s")
+    phase_timeout_s: float = _net_default("phase_timeout_s")
+    round_timeout_s: float = _net_default("round_timeout_s")
+    min_peers: int = _net_default("min_peers")
+    quorum: float = _net_default("quorum")
+    grow: str = ""  # this peer's growth votes, schedule syntax ("experts:2@20")
+    max_rounds: int | None = None  # leave after this many rounds (None: run until stopped)
+    eval_every: int = 1  # validation loss every N rounds (0: never)
+    out_dir: str = "runs/peer"
+    checkpoint_dir: str | None = None
+    device: str = "cpu"
+    threads: int = 0  # torch threads; 0: sized to the cores (diloco_grow.threads)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.join, str):  # `join = "/ip4/..."` in TOML: one address
+            object.__setattr__(self, "join", (self.join,))
+        if isinstance(self.join, list):
+            object.__setattr__(self, "join", tuple(self.join))
+        _check(
+            isinstance(self.run, str) and bool(RUN_RE.match(self.run)),
+            f"swarm.run must match {RUN_RE.pattern}, got {self.run!r}",
+        )
+        _check(
+            isinstance(self.join, tuple)
+            and all(isinstance(a, str) and a.startswith("/") for a in self.join),
+            f"swarm.join must be multiaddrs like /ip4/1.2.3.4/tcp/4000/p2p/12D3Koo..., "
+            f"got {self.join!r}",
+        )
+        _check(isinstance(self.host, str) and bool(self.host), "swarm.host must be an address")
+        _check(
+            self.announce_host is None
+            or (isinstance(self.announce_host, str) and self.announce_host),
+            f"swarm.announce_host must be an address, got {self.announce_host!r}",
+        )
+        for name in ("port", "data_port"):
+            v = getattr(self, name)
+            _check(_is_int(v) and 0 <= v < 65536, f"swarm.{name} must be in [0, 65535], got {v!r}")
+        for name in ("heartbeat_s", "matchmaking_s", "phase_timeout_s", "round_timeout_s"):
+            v = getattr(self, name)
+            _check(_is_num(v) and v > 0, f"swarm.{name} must be > 0 seconds, got {v!r}")
+        _check(
+            _is_num(self.max_wait_s) and self.max_wait_s >= 0,
+            f"swarm.max_wait_s must be >= 0 seconds, got {self.max_wait_s!r}",
+        )
+        _check(
+            self.target_tokens is None or (_is_int(self.target_tokens) and self.target_tokens >= 1),
+            f"swarm.target_tokens must be an integer >= 1 (or unset), got {self.target_tokens!r}",
+        )
+        _check(
+            _is_int(self.min_peers) and self.min_peers >= 1,
+            f"swarm.min_peers must be an integer >= 1, got {self.min_peers!r}",
+        )
+        _check(
+            _is_num(self.quorum) and 0 < self.quorum <= 1,
+            f"swarm.quorum must lie in (0, 1], got {self.quorum!r}",
+        )
+        _check(
+            self.max_rounds is None or (_is_int(self.max_rounds) and self.max_rounds >= 1),
+            f"swarm.max_rounds must be an integer >= 1, got {self.max_rounds!r}",
+        )
+        _check(
+            _is_int(self.eval_every) and self.eval_every >= 0,
+            f"swarm.eval_every must be an integer >= 0, got {self.eval_every!r}",
+        )
+        _check(
+            isinstance(self.device, str) and bool(_DEVICE_RE.match(self.device)),
+            f"swarm.device must be cpu, cuda, cuda:N or mps, got {self.device!r}",
+        )
+        _check(
+            _is_int(self.threads) and self.threads >= 0,
+            f"swarm.threads must be an integer >= 0 (0: automatic), got {self.threads!r}",
+        )
+        _check(isinstance(self.out_dir, str) and bool(self.out_dir), "swarm.out_dir is empty")
+        _check(
+            self.checkpoint_dir is None or isinstance(self.checkpoint_dir, str),
+            f"swarm.checkpoint_dir must be a path, got {self.checkpoint_dir!r}",
+        )
+        _check(
+            isinstance(self.grow, str), f"swarm.grow must be a schedule string, got {self.grow!r}"
+        )
+        try:
+            self.schedule()
+        except ValueError as e:
+            raise ConfigError(f"swarm.grow: {e}") from None
+
+    def schedule(self) -> tuple:
+        from diloco_grow.growth_event import parse_schedule
+
+        return tuple(parse_schedule(self.grow)) if self.grow else ()
+
+    def peer_options(self) -> PeerOptions:
+        """The peer app's options. Fields named like a PeerOptions field go there; fields
+        named like a SwarmConfig field that PeerOptions lacks ride in extra_swarm."""
+        from diloco_grow.peer import PeerOptions
+
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        values["grow"] = self.schedule()
+        own = {f.name for f in dataclasses.fields(PeerOptions)}
+        net = {f.name for f in dataclasses.fields(SwarmConfig)}
+        app_only = {"threads"}  # the process, not the peer: run_peer(threads=...)
+        stray = sorted(set(values) - own - net - app_only)
+        if stray:  # a field added here but wired nowhere: fail loudly, not silently
+            raise ConfigError(f"swarm setting(s) {stray} have no place in PeerOptions")
+        opts = {k: v for k, v in values.items() if k in own}
+        extra = {k: v for k, v in values.items() if k not in own and k in net}
+        return PeerOptions(**opts, extra_swarm=extra)
+
+
 @dataclass(frozen=True)
 class RunConfig:
     model: ModelConfig = field(default_factory=lambda: PRESETS["tiny"])
     inner: InnerConfig = field(default_factory=InnerConfig)
     outer: OuterConfig = field(default_factory=OuterConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    swarm: SwarmSection = field(default_factory=SwarmSection)
     seed: int = 0
 
     def to_dict(self) -> dict[str, Any]:
@@ -123,7 +272,12 @@ class RunConfig:
         return dataclasses.replace(self, **changes)
 
 
-_SECTIONS = {"inner": InnerConfig, "outer": OuterConfig, "data": DataConfig}
+_SECTIONS = {
+    "inner": InnerConfig,
+    "outer": OuterConfig,
+    "data": DataConfig,
+    "swarm": SwarmSection,
+}
 
 
 def _section(cls: type, values: dict[str, Any], where: str) -> Any:

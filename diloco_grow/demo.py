@@ -8,6 +8,7 @@ hivemind DHT child and its p2pd daemon.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -20,6 +21,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from diloco_grow.growth_event import GrowthEvent, growth_line
 from diloco_grow.metrics import plot_runs, read_jsonl
 
 
@@ -118,7 +120,7 @@ def run_demo(spec: DemoSpec) -> dict[str, Any]:
         # On a terminal a live bar; in a log (make demo | tee, CI) one line per new step.
         tty = sys.stderr.isatty()
         bar = tqdm(total=int(spec.minutes * 60), desc="demo", unit="s", disable=not tty)
-        shown_step = -1
+        shown_step, shown_events = -1, 0
         while time.monotonic() < deadline:
             time.sleep(1.0)
             bar.update(1)
@@ -142,6 +144,11 @@ def run_demo(spec: DemoSpec) -> dict[str, Any]:
                         f"hash={last['params_hash']}",
                         flush=True,
                     )
+            events = [r for r in recs if "event" in r]
+            for r in events[shown_events:]:  # a committed growth: say so, whatever the bar
+                bar.write(growth_line_of(r["event"], r["step"]))
+                sys.stdout.flush()
+            shown_events = len(events)
             if not late_started and len(recs) >= spec.late_after_rounds:
                 i = spec.peers - 1
                 print(f"\nlate peer {i} joins at step {recs[-1]['step']}", flush=True)
@@ -160,6 +167,15 @@ def run_demo(spec: DemoSpec) -> dict[str, Any]:
         print("\nstopping the swarm", flush=True)
         stop_groups(procs)
     return summarize(out, spec.peers)
+
+
+_EVENT_FIELDS = {f.name for f in dataclasses.fields(GrowthEvent)}
+
+
+def growth_line_of(event: dict[str, Any], step: int) -> str:
+    """The peer's growth line, rebuilt from the event in its metrics record."""
+    ev = GrowthEvent.from_dict({k: v for k, v in event.items() if k in _EVENT_FIELDS})
+    return growth_line(ev, event["n_params_before"], event["n_params_after"], step)
 
 
 def summarize(out: Path, n_peers: int) -> dict[str, Any]:
@@ -183,6 +199,7 @@ def summarize(out: Path, n_peers: int) -> dict[str, Any]:
         "last_val_loss": vals[-1] if vals else None,
         "peers_with_metrics": len(metrics),
         "bytes_sent_per_peer": recs[-1]["bytes_sent_per_worker"] if recs else 0,
+        "growth": [growth_line_of(r["event"], r["step"]) for r in recs if "event" in r],
     }
     if metrics:
         summary["plot"] = str(

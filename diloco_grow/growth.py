@@ -27,16 +27,19 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from diloco_grow.growth_event import GrowthEvent, parse_schedule
-from diloco_grow.model import ModelConfig, MoETransformer, param_shapes
+from diloco_grow.growth_event import GrowthEvent, growth_line, parse_schedule
+from diloco_grow.model import ModelConfig, MoETransformer, count_params, param_shapes
 
 __all__ = [
     "GrowthEvent",
     "apply_index_map",
+    "config_before",
     "flat_index_map",
     "grow_config",
     "grow_model",
     "grow_state",
+    "growth_line",
+    "n_params_before",
     "parse_schedule",
 ]
 
@@ -60,6 +63,21 @@ def grow_config(cfg: ModelConfig, ev: GrowthEvent) -> ModelConfig:
             f"growth {ev.describe()} would give {n} layers > max_layers={cfg.max_layers}"
         )
     return dataclasses.replace(cfg, n_layers=n)
+
+
+def config_before(cfg: ModelConfig, ev: GrowthEvent) -> ModelConfig:
+    """The config `ev` grew into `cfg` (the inverse of grow_config): code that only holds
+    the grown state can still report what the model was."""
+    if ev.kind == "experts":
+        return dataclasses.replace(
+            cfg, n_experts=cfg.n_experts // ev.factor, top_k=cfg.top_k // ev.factor
+        )
+    return dataclasses.replace(cfg, n_layers=cfg.n_layers // ev.factor)
+
+
+def n_params_before(cfg: ModelConfig, ev: GrowthEvent) -> int:
+    """Parameter count before `ev` grew the model into `cfg`."""
+    return count_params(config_before(cfg, ev))[0]
 
 
 def _restructure(

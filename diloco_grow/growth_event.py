@@ -14,6 +14,11 @@ import msgpack
 
 KINDS = ("experts", "depth")
 MODES = ("interpose", "stack")
+# Copy noise when the schedule names none. Width copies of an expert receive identical
+# gradients, so without noise they never diverge and the extra experts are wasted
+# compute: width defaults to a little noise. Depth copies sit at different places in the
+# stack, get different gradients anyway, and stay exactly function-preserving at 0.
+DEFAULT_ALPHA = {"experts": 0.01, "depth": 0.0}
 _FIELDS = ("kind", "factor", "alpha", "seed", "mode", "zero_output")
 
 
@@ -24,7 +29,9 @@ class GrowthEvent:
 
     kind: str
     factor: int
-    alpha: float = 0.0  # noise std of each copy, relative to the std of its source tensor
+    # Noise std of each copy, relative to the std of its source tensor; None: the kind's
+    # DEFAULT_ALPHA (resolved at construction, so to_dict() and hash() carry the number).
+    alpha: float | None = None
     seed: int = 0  # seeds the noise generator; identical on every peer
     mode: str = "interpose"  # depth only: "interpose" (l1,l1',l2,l2') | "stack" (l1,l2,l1',l2')
     zero_output: bool = False  # depth only: zero the copies' output projections
@@ -34,6 +41,8 @@ class GrowthEvent:
             raise ValueError(f"growth kind must be one of {KINDS}, got {self.kind!r}")
         if not isinstance(self.factor, int) or isinstance(self.factor, bool) or self.factor < 2:
             raise ValueError(f"growth factor must be an integer >= 2, got {self.factor!r}")
+        if self.alpha is None:
+            object.__setattr__(self, "alpha", DEFAULT_ALPHA[self.kind])
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)):
             raise ValueError(f"growth alpha must be a number, got {self.alpha!r}")
         if not math.isfinite(self.alpha) or self.alpha < 0:
@@ -77,7 +86,7 @@ class GrowthEvent:
         """Schedule syntax, e.g. 'depth:2:alpha=0.01:zero_output', or with a step
         'depth:2@40:alpha=0.01:zero_output' (what parse_schedule reads back)."""
         s = f"{self.kind}:{self.factor}" + ("" if step is None else f"@{step}")
-        if self.alpha:
+        if self.alpha != DEFAULT_ALPHA[self.kind]:
             s += f":alpha={self.alpha!r}"
         if self.seed:
             s += f":seed={self.seed}"
@@ -86,6 +95,20 @@ class GrowthEvent:
         if self.zero_output:
             s += ":zero_output"
         return s
+
+
+def growth_line(event: GrowthEvent, n_before: int, n_after: int, step: int) -> str:
+    """The one line a peer, `simulate` and the demo print when a growth event commits,
+    e.g. 'growth step=15 experts x2: params 262,976 -> 460,096 (alpha=0.01, seed=0)'."""
+    opts = [f"alpha={event.alpha:g}", f"seed={event.seed}"]
+    if event.kind == "depth":
+        opts.append(f"mode={event.mode}")
+        if event.zero_output:
+            opts.append("zero_output")
+    return (
+        f"growth step={step} {event.kind} x{event.factor}: "
+        f"params {n_before:,} -> {n_after:,} ({', '.join(opts)})"
+    )
 
 
 def _parse_item(item: str) -> tuple[int, GrowthEvent]:

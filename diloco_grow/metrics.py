@@ -48,7 +48,8 @@ def plot_runs(
 
     fig, (ax_t, ax_b) = plt.subplots(1, 2, figsize=(11, 4.2))
     for i, p in enumerate(paths):
-        recs = [r for r in read_jsonl(p) if r.get("val_loss") is not None and "event" not in r]
+        # A peer's growth round carries its event and its val loss: keep the point.
+        recs = [r for r in read_jsonl(p) if r.get("val_loss") is not None]
         if not recs:
             continue
         label = labels[i] if labels and i < len(labels) else str(Path(p).parent.name or p)
@@ -57,9 +58,18 @@ def plot_runs(
         sent = [(b, v) for b, v in sent if b > 0]  # a log axis has no place for 0 bytes
         if sent:
             ax_b.plot(*zip(*sent, strict=True), label=label)
-        for r in read_jsonl(p):
-            if "event" in r and r.get(x) is not None:
-                ax_t.axvline(r[x], color="grey", lw=0.6, ls="--")  # a growth event
+    for at, label in growth_marks(paths, x):
+        ax_t.axvline(at, color="tab:red", lw=0.8, ls="--")
+        ax_t.annotate(
+            label,
+            xy=(at, 1.0),
+            xycoords=("data", "axes fraction"),
+            xytext=(3, -3),
+            textcoords="offset points",
+            va="top",
+            fontsize=8,
+            color="tab:red",
+        )
     ax_t.set_xlabel("tokens (all workers)" if x == "tokens" else "outer step")
     ax_b.set_xlabel("bytes sent per worker")
     ax_b.set_xscale("log")
@@ -73,6 +83,22 @@ def plot_runs(
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def growth_marks(paths: list[str | Path], x: str = "tokens") -> list[tuple[float, str]]:
+    """(x position, label) of each growth event in the metrics files, once per event:
+    every peer of a swarm logs the same event at the same step."""
+    marks: dict[tuple, str] = {}
+    for p in paths:
+        for r in read_jsonl(p):
+            e = r.get("event")
+            if not e or r.get(x) is None:
+                continue
+            label = f"{e['kind']} x{e['factor']}"
+            if e.get("n_params_before") and e.get("n_params_after"):
+                label += f"\n{e['n_params_before'] / 1e6:.2f}M→{e['n_params_after'] / 1e6:.2f}M"
+            marks.setdefault((r[x], e.get("hash", label)), label)
+    return [(at, label) for (at, _), label in sorted(marks.items(), key=lambda kv: kv[0][0])]
 
 
 def finite_or_none(x: float | None) -> float | None:

@@ -10,6 +10,7 @@ loop: inner phase (H steps, or until the swarm is ready: pacing.py), reporting p
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import faulthandler
 import logging
 import multiprocessing
@@ -27,7 +28,7 @@ import torch
 from diloco_grow import checkpoint as ckpt
 from diloco_grow.config import RunConfig
 from diloco_grow.data import load_corpus, val_batches
-from diloco_grow.growth import GrowthEvent
+from diloco_grow.growth import GrowthEvent, growth_line
 from diloco_grow.loop import RoundOutcome, outer_round
 from diloco_grow.metrics import MetricsWriter
 from diloco_grow.model import MoETransformer
@@ -42,28 +43,32 @@ from peers.state_transfer import StateServer
 from peers.swarm import NeedResync, Progress, RoundFailed, Swarm, SwarmConfig
 
 log = logging.getLogger("diloco_grow.peer")
+_NET = {f.name: f.default for f in dataclasses.fields(SwarmConfig)}
 
 
 @dataclass(frozen=True)
 class PeerOptions:
+    """What the app needs; built from the [swarm] section and flags (config.SwarmSection).
+    Network defaults are SwarmConfig's, so each setting has one default."""
+
     run: str = "diloco"
     join: tuple[str, ...] = ()
-    host: str = "127.0.0.1"
-    port: int = 0
-    announce_host: str | None = None
+    host: str = _NET["host"]
+    port: int = _NET["port"]
+    announce_host: str | None = _NET["announce_host"]
     out_dir: str = "runs/peer"
     checkpoint_dir: str | None = None
     device: str = "cpu"
     max_rounds: int | None = None  # stop after this many completed rounds (None: forever)
     grow: tuple[tuple[int, GrowthEvent], ...] = ()  # votes: (outer step, event)
     target_tokens: int | None = None  # tokens per round for the whole swarm (None: fixed H)
-    heartbeat_s: float = 2.0
-    matchmaking_s: float = 2.0
-    max_wait_s: float = 600.0
-    phase_timeout_s: float = 10.0
-    round_timeout_s: float = 60.0
-    min_peers: int = 1
-    quorum: float = 2 / 3
+    heartbeat_s: float = _NET["heartbeat_s"]
+    matchmaking_s: float = _NET["matchmaking_s"]
+    max_wait_s: float = _NET["max_wait_s"]
+    phase_timeout_s: float = _NET["phase_timeout_s"]
+    round_timeout_s: float = _NET["round_timeout_s"]
+    min_peers: int = _NET["min_peers"]
+    quorum: float = _NET["quorum"]
     eval_every: int = 1
     extra_swarm: dict[str, Any] = field(default_factory=dict)
 
@@ -327,6 +332,9 @@ class PeerApp:
             + (f" grew={event.kind}x{event.factor}" if event else ""),
             flush=True,
         )
+        if event is not None:
+            e = record["event"]
+            print(growth_line(event, e["n_params_before"], e["n_params_after"], g.step), flush=True)
         self._publish()
         if self._ckpt_file() is not None:
             ckpt.save_checkpoint(self._ckpt_file(), g, [self.worker], {})
@@ -408,9 +416,13 @@ def reap_children(grace: float = 5.0) -> None:
         c.join(timeout=1.0)
 
 
-def run_peer(cfg: RunConfig, opts: PeerOptions) -> None:
-    """CLI entry: start, print the ready line, train until stopped, shut down cleanly."""
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+def run_peer(cfg: RunConfig, opts: PeerOptions, threads: int = 0) -> None:
+    """CLI entry: start, print the ready line, train until stopped, shut down cleanly.
+    `threads`: torch threads, 0 = sized to this machine's cores (one worker here)."""
+    from diloco_grow.threads import default_threads
+
+    torch.set_num_threads(threads or default_threads(workers=1))
+    log.info("torch threads: %d (--threads to change)", torch.get_num_threads())
     app = PeerApp(cfg, opts)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: app.stopping.set())

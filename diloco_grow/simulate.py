@@ -6,6 +6,7 @@ networked peer (peer.py) calls too, with a network Averager instead of LocalAver
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +18,7 @@ from tqdm import tqdm
 from diloco_grow import checkpoint as ckpt
 from diloco_grow.config import RunConfig
 from diloco_grow.data import BatchStream, Corpus, load_corpus, val_batches
-from diloco_grow.growth import GrowthEvent
+from diloco_grow.growth import GrowthEvent, growth_line
 from diloco_grow.local_averager import LocalAverager
 from diloco_grow.loop import outer_round
 from diloco_grow.metrics import MetricsWriter, read_jsonl
@@ -115,6 +116,9 @@ def simulate(cfg: RunConfig, spec: SimSpec, corpus: Corpus | None = None) -> dic
                     },
                 }
             )
+            # stderr: stdout stays one JSON line under --json; tqdm.write keeps the bar whole.
+            line = growth_line(out.event, out.n_params_before, out.n_params_after, g.step)
+            tqdm.write(line, file=sys.stderr)
 
         # --- metrics and checkpoint ------------------------------------------------------
         totals["wall_s"] = time.perf_counter() - t_start

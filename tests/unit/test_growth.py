@@ -12,13 +12,16 @@ import torch
 from diloco_grow.growth import (
     GrowthEvent,
     apply_index_map,
+    config_before,
     flat_index_map,
     grow_config,
     grow_model,
     grow_state,
+    growth_line,
+    n_params_before,
     parse_schedule,
 )
-from diloco_grow.model import PRESETS, ModelConfig, MoETransformer, param_shapes
+from diloco_grow.model import PRESETS, ModelConfig, MoETransformer, count_params, param_shapes
 
 TINY = PRESETS["tiny"]
 SHARED = dataclasses.replace(TINY, shared_expert=True)
@@ -50,7 +53,7 @@ def _state_hash(model: torch.nn.Module) -> str:
 @pytest.mark.parametrize("cfg, factor", [(TINY, 2), (SHARED, 3)])
 def test_width_alpha0_preserves_logits_and_all_losses(cfg: ModelConfig, factor: int) -> None:
     model, x = _model(cfg), _batch(cfg)
-    grown = grow_model(model, GrowthEvent("experts", factor))
+    grown = grow_model(model, GrowthEvent("experts", factor, alpha=0))
     assert (grown.cfg.n_experts, grown.cfg.top_k) == (4 * factor, 2 * factor)
     a, b = model(x[:, :-1], x[:, 1:]), grown(x[:, :-1], x[:, 1:])
     assert torch.allclose(a.logits, b.logits, atol=1e-5)
@@ -136,7 +139,9 @@ def test_seed_determinism() -> None:
         GrowthEvent("depth", 2, alpha=0.01, seed=2)
     )
     # Without noise the seed is irrelevant.
-    assert h(GrowthEvent("experts", 2, seed=1)) == h(GrowthEvent("experts", 2, seed=2))
+    assert h(GrowthEvent("experts", 2, alpha=0, seed=1)) == h(
+        GrowthEvent("experts", 2, alpha=0, seed=2)
+    )
     # Growth never consumes the global RNG.
     before = torch.get_rng_state()
     grow_model(model, ev)
@@ -174,9 +179,11 @@ def _reference_remap(cfg: ModelConfig, ev: GrowthEvent, flat: torch.Tensor) -> t
             _, l, rest = name.split(".", 2)
             src_l, j = divmod(int(l), f)
             zeroed = rest in ("attn.wo.weight", "moe.w_down_EDF", "moe.shared.w_down_DF")
-            t = torch.zeros(shape) if j and ev.zero_output and zeroed else old[
-                f"layers.{src_l}.{rest}"
-            ]
+            t = (
+                torch.zeros(shape)
+                if j and ev.zero_output and zeroed
+                else old[f"layers.{src_l}.{rest}"]
+            )
         else:
             t = old[name]
         out.append(t.reshape(-1))
@@ -187,7 +194,7 @@ def _reference_remap(cfg: ModelConfig, ev: GrowthEvent, flat: torch.Tensor) -> t
     "ev",
     [
         GrowthEvent("experts", 2, alpha=0.01),
-        GrowthEvent("experts", 3),
+        GrowthEvent("experts", 3, alpha=0),
         GrowthEvent("depth", 2, zero_output=True),
         GrowthEvent("depth", 3, alpha=0.01),
     ],
@@ -225,10 +232,13 @@ def test_event_hash_and_msgpack_roundtrip() -> None:
     back = GrowthEvent.from_dict(msgpack.unpackb(msgpack.packb(ev.to_dict())))
     assert back == ev and back.hash() == ev.hash()
     # Pinned: the swarm votes on this hash, it must not drift between versions.
-    assert GrowthEvent("experts", 2).hash() == (
+    assert GrowthEvent("experts", 2, alpha=0.0).hash() == (
         "6ace592c1dc5a150b38bc63ebdbbd61829d21ba22b12581d6ea7ba634c117475"
     )
-    assert GrowthEvent("experts", 2, alpha=0).hash() == GrowthEvent("experts", 2).hash()
+    assert GrowthEvent("experts", 2, alpha=0).hash() == GrowthEvent("experts", 2, alpha=0.0).hash()
+    # The default is resolved before hashing: a schedule without alpha and one that spells
+    # out the default are the same vote.
+    assert GrowthEvent("experts", 2).hash() == GrowthEvent("experts", 2, alpha=0.01).hash()
     assert ev.hash() != GrowthEvent("depth", 2, alpha=0.01, seed=6, zero_output=True).hash()
 
 
@@ -276,3 +286,40 @@ def test_parse_schedule() -> None:
     for bad in ("experts@2", "experts:x@2", "experts:2@-1", "depth:2@1:beta=3", "experts:1@4"):
         with pytest.raises(ValueError, match="bad growth schedule"):
             parse_schedule(bad)
+
+
+def test_width_defaults_to_noise_and_alpha0_stays_expressible() -> None:
+    # Width copies without noise get identical gradients and never diverge: the default
+    # is a little noise; alpha=0 (exactly function-preserving) must be asked for.
+    assert GrowthEvent("experts", 2).alpha == 0.01
+    assert GrowthEvent("depth", 2).alpha == 0.0
+    assert GrowthEvent.from_dict({"kind": "experts", "factor": 2}).alpha == 0.01
+    [(_, ev0)] = parse_schedule("experts:2@5:alpha=0")
+    [(_, ev1)] = parse_schedule("experts:2@5")
+    assert (ev0.alpha, ev1.alpha) == (0.0, 0.01)
+    # describe() spells out a non-default alpha so the schedule reads back identically.
+    assert ev0.describe(step=5) == "experts:2@5:alpha=0.0"
+    assert ev1.describe(step=5) == "experts:2@5"
+    for ev in (ev0, ev1, GrowthEvent("depth", 2, alpha=0.02)):
+        assert parse_schedule(ev.describe(step=5)) == [(5, ev)]
+    # With the default noise the copies really differ from their sources.
+    grown = grow_model(_model(), ev1).state_dict()
+    w = grown["layers.0.moe.w_up_EFD"]
+    E = TINY.n_experts
+    assert not torch.equal(w[:E], w[E:])
+
+
+@pytest.mark.parametrize(
+    "ev", [GrowthEvent("experts", 2), GrowthEvent("depth", 3, zero_output=True)]
+)
+def test_growth_line_names_kind_factor_params_and_step(ev: GrowthEvent) -> None:
+    grown = grow_config(SHARED, ev)
+    assert config_before(grown, ev) == SHARED
+    n_before = n_params_before(grown, ev)
+    n_after = count_params(grown)[0]
+    assert n_before == count_params(SHARED)[0] < n_after
+    line = growth_line(ev, n_before, n_after, step=15)
+    assert line.startswith(f"growth step=15 {ev.kind} x{ev.factor}: ")
+    assert f"params {n_before:,} -> {n_after:,}" in line
+    assert f"alpha={ev.alpha:g}" in line
+    assert ("zero_output" in line) == ev.zero_output

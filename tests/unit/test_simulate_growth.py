@@ -12,7 +12,7 @@ import torch
 from diloco_grow.config import config_from_dict
 from diloco_grow.data import load_corpus
 from diloco_grow.growth import GrowthEvent, flat_index_map, parse_schedule
-from diloco_grow.metrics import read_jsonl
+from diloco_grow.metrics import growth_marks, plot_runs, read_jsonl
 from diloco_grow.simulate import SimSpec, simulate
 from diloco_grow.worker import GlobalState, Worker
 
@@ -29,7 +29,7 @@ def cfg():
 
 
 def test_simulate_grow_records_events_and_resumes_after_growth(tmp_path, corpus):
-    schedule = tuple(parse_schedule("experts:2@2,depth:2@3:zero_output"))
+    schedule = tuple(parse_schedule("experts:2@2:alpha=0,depth:2@3:zero_output"))
     full = simulate(
         cfg(),
         SimSpec(
@@ -48,6 +48,11 @@ def test_simulate_grow_records_events_and_resumes_after_growth(tmp_path, corpus)
         assert abs(e["val_loss_after"] - e["val_loss_before"]) < 1e-4
     steps = [r for r in recs if "event" not in r]
     assert all("n_params" in r for r in steps)
+    # The plot marks both events, where they happened, with the parameter counts.
+    marks = growth_marks([tmp_path / "a" / "metrics.jsonl"], x="tokens")
+    assert [label.split("\n")[0] for _, label in marks] == ["experts x2", "depth x2"]
+    assert [at for at, _ in marks] == [r["tokens"] for r in recs if "event" in r]
+    assert plot_runs([tmp_path / "a" / "metrics.jsonl"], tmp_path / "a.png").stat().st_size > 0
     assert steps[-1]["n_params"] == events[-1]["n_params_after"]
     assert steps[-1]["arch_epoch"] == 2
 
@@ -112,6 +117,11 @@ def test_cli_simulate_json_and_grow(tmp_path):
     )
     assert out.returncode == 0, out.stderr
     summary = json.loads(out.stdout.strip().splitlines()[-1])
+    # The growth is announced on stderr (stdout stays one JSON line), once.
+    grew = [ln for ln in out.stderr.splitlines() if ln.startswith("growth ")]
+    assert len(grew) == 1 and grew[0].startswith("growth step=2 experts x2: params "), grew
+    assert "alpha=0.01" in grew[0]
+    assert "torch threads: 1 for 2 worker(s)" in out.stderr  # OMP_NUM_THREADS=1 (conftest)
     for key in (
         "val_loss",
         "train_loss",
