@@ -173,7 +173,7 @@ def test_cli_bad_swarm_value_is_a_clean_error(tmp_path, captured) -> None:
 
 def test_peer_help_shows_the_single_default() -> None:
     res = CliRunner().invoke(cli.main, ["peer", "--help"])
-    assert "[default: 30]" in res.output  # round_timeout_s, from peers/config.py
+    assert "after (s). [default: 60]" in " ".join(res.output.split())  # round_timeout_s
 
 
 def test_default_threads_divide_the_cores_among_workers(monkeypatch) -> None:
