@@ -173,6 +173,7 @@ def _swarm_opt(flag: str, help: str, **kw: Any) -> Any:
     "reached them (fast peers do more steps). Unset: fixed H steps per peer.",
     type=int,
 )
+@_swarm_opt("--slowdown", "Emulate a machine this many times slower (experiments).", type=float)
 @_swarm_opt("--heartbeat-s", "Progress heartbeat (s); silent for two beats = dead.", type=float)
 @_swarm_opt("--matchmaking-s", "Grace for announcements once the swarm is ready (s).", type=float)
 @_swarm_opt("--max-wait-s", "Longest wait for a straggler past its own ETA (s).", type=float)

@@ -139,6 +139,7 @@ class SwarmSection:
     announce_host: str | None = _net_default("announce_host")  # public address behind NAT
     data_port: int = _net_default("data_port")  # zmq data-plane port; 0 = any free port
     target_tokens: int | None = None  # tokens per round for the swarm; None: fixed H steps
+    slowdown: float = 1.0  # emulate a machine this many times slower (experiments)
     heartbeat_s: float = _net_default("heartbeat_s")
     matchmaking_s: float = _net_default("matchmaking_s")
     max_wait_s: float = _net_default("max_wait_s")
@@ -184,6 +185,10 @@ class SwarmSection:
         _check(
             _is_num(self.max_wait_s) and self.max_wait_s >= 0,
             f"swarm.max_wait_s must be >= 0 seconds, got {self.max_wait_s!r}",
+        )
+        _check(
+            _is_num(self.slowdown) and 1 <= self.slowdown <= 1000,
+            f"swarm.slowdown must lie in [1, 1000], got {self.slowdown!r}",
         )
         _check(
             self.target_tokens is None or (_is_int(self.target_tokens) and self.target_tokens >= 1),

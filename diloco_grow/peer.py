@@ -62,6 +62,9 @@ class PeerOptions:
     max_rounds: int | None = None  # stop after this many completed rounds (None: forever)
     grow: tuple[tuple[int, GrowthEvent], ...] = ()  # votes: (outer step, event)
     target_tokens: int | None = None  # tokens per round for the whole swarm (None: fixed H)
+    # Emulate a slower machine (experiments, tests): each inner step takes this many times
+    # its real time, the rest spent sleeping, so the cores stay free for other peers.
+    slowdown: float = 1.0
     heartbeat_s: float = _NET["heartbeat_s"]
     matchmaking_s: float = _NET["matchmaking_s"]
     max_wait_s: float = _NET["max_wait_s"]
@@ -214,6 +217,8 @@ class PeerApp:
 
         def step_done(done: int) -> bool:
             nonlocal last
+            if self.opts.slowdown > 1:
+                time.sleep((self.opts.slowdown - 1) * (time.perf_counter() - last))
             now = time.perf_counter()
             pacer.observe(now - last)
             last = now
