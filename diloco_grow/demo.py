@@ -95,10 +95,12 @@ def run_demo(spec: DemoSpec) -> dict[str, Any]:
         spec.preset,
         "--inner-steps",
         str(spec.inner_steps),
+        # Loopback: a sub-second heartbeat notices a late or dead peer fast, and the inner
+        # phase (seconds) is still many heartbeats long, as on a real run.
+        "--heartbeat-s",
+        "0.5",
         "--matchmaking-s",
-        "2",
-        "--round-timeout-s",
-        "60",
+        "1",
     ]
     if spec.grow:
         common += ["--grow", spec.grow]
