@@ -109,3 +109,77 @@ def test_sigstop_past_two_heartbeats_others_go_on_and_it_rejoins(launcher, tmp_p
     for step in (3, 4, 5):
         check_round(tmp_path, peers, step, [0, 1, 2])
         assert all(len(p.rounds()[step]["members"]) == 3 for p in peers)
+
+
+def _wait_until(pred, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def _drain(peers) -> None:
+    for p in peers:  # move what arrived into p.seen without waiting for anything else
+        while not p.events.empty():
+            e = p.events.get()
+            p.seen.append(e)
+            if e["event"] == "ready":
+                p.ready = e
+
+
+@pytest.mark.timeout(300)
+def test_partition_3_vs_1_heals_to_the_majority_line(tmp_path):
+    import netns
+
+    why = netns.available()
+    if why is not None:
+        pytest.skip(why)
+    with netns.Netns(4) as net:
+        launcher = Launcher(tmp_path, net)
+        try:
+            peers = launcher.start(
+                4, common=["--inner-s", "3", "--rounds", "16", "--resync"]
+            )
+            majority, lone = peers[:3], peers[3]
+            ids = {}
+
+            def rounds_of(p) -> dict[int, dict]:
+                _drain(peers)
+                return p.rounds()
+
+            _wait_until(lambda: all(1 in rounds_of(p) for p in peers), 90, "two full rounds")
+            ids = {p.ready["peer_id"]: p.seed for p in peers}
+            assert all(len(p.rounds()[1]["members"]) == 4 for p in peers)
+            net.partition({0, 1, 2}, {3})
+            cut = max(max(rounds_of(p)) for p in peers)
+            # Both sides keep training: the lone peer commits alone (nobody else is live
+            # for it), the majority without it. The lone side even runs ahead.
+            _wait_until(
+                lambda: max(rounds_of(lone)) >= cut + 3 and max(rounds_of(peers[0])) >= cut + 2,
+                90,
+                "both sides to commit rounds while partitioned",
+            )
+            net.heal()
+            for p in peers:
+                p.wait_for("done", timeout=150)
+        finally:
+            launcher.kill_all()
+    # The majority never resynced or failed; the lone peer adopted the majority's line.
+    for p in majority:
+        assert not p.of("resync") and not p.of("error"), (p.seed, p.of("error"))
+    resyncs = lone.of("resync")
+    assert resyncs and all(ids[r["source"]] in (0, 1, 2) for r in resyncs)
+    # During the split: separate rounds, each side consistent with itself.
+    split = [s for s in lone.rounds() if len(lone.rounds()[s]["members"]) == 1]
+    assert split, "the lone peer committed nothing alone: the partition did not bite"
+    # After the heal: every step the majority committed has one θ_g, and the last rounds
+    # include all four peers again, bit-identical.
+    for s in majority[0].rounds():
+        hashes = {p.rounds()[s]["sha256"] for p in majority if s in p.rounds()}
+        assert len(hashes) == 1, (s, hashes)
+    last = max(majority[0].rounds())
+    final = [p.rounds()[last] for p in peers]
+    assert all(len(r["members"]) == 4 for r in final), [len(r["members"]) for r in final]
+    assert len({r["sha256"] for r in final}) == 1
