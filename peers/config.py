@@ -46,9 +46,9 @@ class SwarmConfig:
         for name in ("heartbeat_s", "matchmaking_s", "phase_timeout_s", "round_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        if self.dead_after_beats < 2:
+        if not self.dead_after_beats >= 2:  # (NaN fails this too)
             raise ValueError("dead_after_beats must be >= 2 (one missed beat is not death)")
-        if self.max_wait_s < 0:
+        if not self.max_wait_s >= 0:
             raise ValueError("max_wait_s must be >= 0")
         if self.min_peers < 1:
             raise ValueError(f"min_peers must be >= 1, got {self.min_peers}")

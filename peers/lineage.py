@@ -4,9 +4,10 @@ Every record carries the state its peer holds (epoch, step, θ_g hash) and its r
 lineage: (step, hash, members of the round that produced it) for the last few commits.
 Two peers are *compatible* when their lineages agree at the latest step both know: then
 the one at the lower step is simply behind and catches up. Otherwise they *diverged* (a
-partition, a half-applied round) and the branch held by more live peers wins, then the
-branch whose latest round had more members, then the higher step. Never "the highest
-step": a lone fast partition cannot overwrite the majority's work.
+partition, a half-applied round) and the line whose latest round was signed by more
+members wins, then the one held by more live peers, then the higher step. Never "the
+highest step": a lone fast partition cannot overwrite the majority's work, and fresh
+joiners holding the initial θ_g (signed by nobody) cannot outvote a trained swarm.
 
 Pure functions, so every peer evaluating the same records reaches the same verdict.
 """
@@ -43,28 +44,39 @@ def _members(r: PeerRecord) -> int:
 @dataclass(frozen=True)
 class Branch:
     tip: PeerRecord  # the most advanced holder of this line of history
-    holders: tuple[str, ...]  # live peers on this line
+    holders: tuple[str, ...]  # live peers on this line and on no other
 
     def rank(self) -> tuple:
+        # First the members of the round that produced the tip: a state signed by more
+        # peers beats one signed by fewer (a lone partition: 1; a fresh init: 0), however
+        # many fresh joiners hold the init. Then live holders, then the higher step.
         t = self.tip
-        return (len(self.holders), _members(t), t.arch_epoch, t.step, _neg(t.params_hash))
+        return (_members(t), len(self.holders), t.arch_epoch, t.step, _neg(t.params_hash))
 
 
 def _neg(h: str) -> tuple[int, ...]:
-    return tuple(-ord(c) for c in h)  # ties go to the smaller hash, deterministically
+    # Ties go to the smaller hash, deterministically (hashes have one length: hex digests).
+    return tuple(-ord(c) for c in h)
 
 
 def branches(records: list[PeerRecord]) -> list[Branch]:
-    """Group live records into lines of history, best first."""
-    out: list[tuple[PeerRecord, list[str]]] = []
-    for r in sorted(records, key=lambda r: (-r.arch_epoch, -r.step, r.params_hash, r.peer_id)):
-        for tip, holders in out:
-            if compatible(tip, r):
-                holders.append(r.peer_id)
-                break
-        else:
-            out.append((r, [r.peer_id]))
-    bs = [Branch(tip, tuple(sorted(h))) for tip, h in out]
+    """Group live records into lines of history, best first.
+
+    Tips are the records compatible with no more advanced one. A record compatible with
+    exactly one tip holds that line; one compatible with several (a laggard from before
+    the lines split) is behind all of them and supports none: it must not decide which
+    side of a partition wins."""
+    ordered = sorted(records, key=lambda r: (-r.arch_epoch, -r.step, r.params_hash, r.peer_id))
+    tips: list[PeerRecord] = []
+    for r in ordered:
+        if not any(compatible(t, r) for t in tips):
+            tips.append(r)
+    holders: dict[str, list[str]] = {t.peer_id: [] for t in tips}
+    for r in ordered:
+        on = [t for t in tips if compatible(t, r)]
+        if len(on) == 1:
+            holders[on[0].peer_id].append(r.peer_id)
+    bs = [Branch(t, tuple(sorted(holders[t.peer_id]))) for t in tips]
     return sorted(bs, key=Branch.rank, reverse=True)
 
 
@@ -80,12 +92,12 @@ def verdict(me: PeerRecord, records: list[PeerRecord]) -> Verdict:
     recs = [r for r in records if r.peer_id != me.peer_id] + [me]
     best = branches(recs)[0]
     tip = best.tip
-    if me.peer_id in best.holders and (me.arch_epoch, me.step) >= (tip.arch_epoch, tip.step):
+    if me.claim == tip.claim:
         return Verdict(True, None, "we hold the majority line's latest state")
     # Prefer the tip itself as the source; any holder of its exact state will do.
     holders = [r for r in recs if r.claim == tip.claim and r.peer_id != me.peer_id]
     source = next((r for r in holders if r.state_endpoint), holders[0] if holders else None)
-    if me.peer_id in best.holders:
+    if compatible(me, tip):
         why = (
             f"behind: the swarm is at epoch {tip.arch_epoch} step {tip.step}, "
             f"we are at epoch {me.arch_epoch} step {me.step}"

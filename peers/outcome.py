@@ -8,11 +8,12 @@ counting late DONEs, and decides from the members' heartbeat records (the signed
 record of each member):
 
 - a member whose recent `commits` include this round  -> the round committed: commit;
-- a member that aborted this round, or moved on to another attempt of the same step,
-  or to another round without committing this one -> nobody can commit it: abort;
+- a member that aborted this round, or moved on to a later attempt or round without
+  committing this one -> nobody can commit it: abort;
 - every other member stuck too, or dead        -> nobody alive committed it: abort.
   (A dead member that did commit is now a minority of one; lineage.py heals it.)
-- otherwise (someone still "data"/"voted")      -> undecided: look again a moment later.
+- otherwise (someone still "data"/"voted", or its record still shows an earlier round
+  because the last publication lags)             -> undecided: look again a moment later.
 
 Pure function over records, so every stuck member reaches the same decision.
 """
@@ -53,8 +54,9 @@ def resolve(
             if rs.phase != "stuck":
                 undecided = True
             continue
-        # It is in another attempt or round now and did not commit ours.
-        if (rs.epoch, rs.step, rs.attempt) != where or rs.rid:
-            return ABORT
-        undecided = True  # forming the next attempt's group, record not yet caught up
+        at = (rs.epoch, rs.step, rs.attempt)
+        if at < where or (at == where and not rs.rid):
+            undecided = True  # its record has not caught up with our round yet
+            continue
+        return ABORT  # it is in a later attempt or round and did not commit ours
     return None if undecided else ABORT
