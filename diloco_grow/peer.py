@@ -177,9 +177,11 @@ class PeerApp:
                 break
             # --- inner phase: until H steps, the swarm's token target, or (late) the others
             inner = self._inner_phase()
+            self.stats["tokens"] += inner.tokens
             if self.stopping.is_set():
                 break
-            if self.worker.tokens_since_sync == 0:
+            weight = self.worker.tokens_since_sync  # this phase and any unapplied ones
+            if weight == 0:
                 continue  # the swarm moved on before we trained a step: resync first
             # --- outer round: all-reduce Δ, Nesterov on θ_g, growth (loop.py) -----------
             vote = votes.get(self.g.step + 1)
@@ -188,20 +190,23 @@ class PeerApp:
             except NeedResync as e:
                 log.warning("resync: %s", e)
                 self._resync(e.source)
+                self.late = True  # our progress is kept: bring it to the next round asap
                 continue
             except RoundFailed as e:
                 # Keep the local progress; the next Δ covers this phase too.
                 log.warning("round at step %d failed (%s); training on", self.g.step, e)
+                self.late = True
                 continue
             except ValueError as e:  # a committed vote that is no valid growth event
                 log.error("round at step %d not applied: %s", self.g.step, e)
                 continue
-            self.swarm.set_state(self.g.arch_epoch, self.g.step, self.g.hash(), out.result.members)
+            self.swarm.set_state(
+                self.g.arch_epoch, self.g.step, self.g.hash(), out.result.members
+            )
             self.late = False
             self.stats["rounds"] += 1
             self.stats["bytes_sent"] += out.result.bytes_sent
-            self.stats["tokens"] += inner.tokens
-            self._after_round(out, inner)
+            self._after_round(out, inner, weight)
 
     def _inner_phase(self) -> InnerStats:
         """Train until pacing.py says the phase is over, reporting progress every step."""
@@ -290,7 +295,7 @@ class PeerApp:
             src.get("peer_id"),
         )
 
-    def _after_round(self, out: RoundOutcome, inner: InnerStats) -> None:
+    def _after_round(self, out: RoundOutcome, inner: InnerStats, weight: int) -> None:
         g, res, event = self.g, out.result, out.event
         val_loss = None
         if self.opts.eval_every and g.step % self.opts.eval_every == 0:
@@ -305,7 +310,7 @@ class PeerApp:
             "params_hash": h,
             "members": res.members,
             "member_ids": res.member_ids,
-            "weight": inner.tokens,
+            "weight": weight,  # tokens in our Δ: this phase's, plus any unapplied earlier
             "train_loss": inner.ce_loss if inner.steps else None,
             "val_loss": val_loss,
             "tokens": self.stats["tokens"],

@@ -89,7 +89,8 @@ class Verdict:
 
 def verdict(me: PeerRecord, records: list[PeerRecord]) -> Verdict:
     """Should `me` keep its θ_g, or adopt the majority line's tip? (`records`: live peers.)"""
-    recs = [r for r in records if r.peer_id != me.peer_id] + [me]
+    # A peer still starting (no set_state yet: empty lineage) holds no state to vote for.
+    recs = [r for r in records if r.peer_id != me.peer_id and r.lineage] + [me]
     best = branches(recs)[0]
     tip = best.tip
     if me.claim == tip.claim:

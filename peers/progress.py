@@ -52,7 +52,11 @@ def wait_deadline(r: PeerRecord, cfg: SwarmConfig) -> float:
 
 def at_step(records: list[PeerRecord], me: str, epoch: int, step: int) -> list[PeerRecord]:
     """Other peers whose θ_g is at (epoch, step), i.e. who train for the same round."""
-    return [r for r in records if r.peer_id != me and (r.arch_epoch, r.step) == (epoch, step)]
+    return [
+        r
+        for r in records
+        if r.peer_id != me and r.lineage and (r.arch_epoch, r.step) == (epoch, step)
+    ]
 
 
 def finishing(records: list[PeerRecord], me: str, epoch: int, step: int) -> list[PeerRecord]:
@@ -63,6 +67,7 @@ def finishing(records: list[PeerRecord], me: str, epoch: int, step: int) -> list
         r
         for r in records
         if r.peer_id != me
+        and r.lineage
         and r.step == step - 1
         and r.arch_epoch in (epoch, epoch - 1)
         and r.round is not None

@@ -75,7 +75,8 @@ class PeerRecord:
 
     `step` is the number of outer steps in the peer's θ_g, i.e. the round it trains for;
     `lineage` lists its recent committed states as (step, params_hash, members of the round
-    that produced it), newest last, so two peers can tell "behind" from "diverged"."""
+    that produced it), newest last, so two peers can tell "behind" from "diverged". An
+    empty lineage means the peer is still starting and holds no state yet."""
 
     peer_id: str
     endpoint: str

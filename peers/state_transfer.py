@@ -155,6 +155,9 @@ class StateServer:
     def _meta(self, rid: int) -> bytes:
         try:
             meta, blob = self.provider()
+        except RuntimeError as e:  # the app says it cannot serve yet (still starting)
+            log.warning("state server: not serving yet: %s", e)
+            return _error(rid, "provider_failed", f"provider failed: {e}")
         except Exception as e:
             log.exception("state server: provider failed")
             return _error(rid, "provider_failed", f"provider failed: {e}")

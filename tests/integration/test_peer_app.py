@@ -87,7 +87,9 @@ def test_late_joiner_under_real_timing_growth_status_and_clean_exit(tmp_path, pr
     third peer joins after two rounds. Nobody throws an inner phase away, the founders
     advance once per phase, θ_g agrees everywhere, and the loss never rises above its
     value at the join."""
-    common = common_args("--grow", "experts:2@6")
+    # --min-peers 2: the bootstrap's first round waits for the second founder however slow
+    # its start-up, so both founders begin at step 0 (a later start would make it a joiner).
+    common = common_args("--grow", "experts:2@6", "--min-peers", "2")
     outs = [tmp_path / f"peer{i}" for i in range(3)]
     logs = [tmp_path / f"peer{i}.log" for i in range(3)]
     procs.append(
@@ -157,7 +159,9 @@ def test_late_joiner_under_real_timing_growth_status_and_clean_exit(tmp_path, pr
     assert joiner[-1]["resyncs"] == 1 and joiner[-1]["discarded_phases"] == 0
     join_step = joiner[0]["step"] - 1
     assert join_step >= 2
-    assert all(r["members"] == 3 and r["weight"] > 0 for r in joiner)
+    assert all(r["weight"] > 0 for r in joiner)
+    # (The last rounds may race the SIGTERMs, which reach the peers one after the other.)
+    assert all(r["members"] == 3 for r in joiner[:-1]), [r["members"] for r in joiner]
     # Validation loss after the join never climbs above its value at the join.
     val = {r["step"]: r["val_loss"] for r in recs[0]}
     after = [val[s] for s in sorted(val) if s > join_step]

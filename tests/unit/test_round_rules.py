@@ -685,3 +685,11 @@ def test_resolve_waits_for_a_member_whose_record_still_shows_an_earlier_round():
     where = (0, 5, 0)
     stale = rec("b2" * 10, 5, "h5", round=RoundState(0, 4, 0, "cd" * 8, "committed"))
     assert resolve("a1" * 10, where, "ab" * 8, ["a1" * 10, "b2" * 10], {"b2" * 10: stale}) is None
+
+
+def test_a_peer_still_starting_holds_no_state_and_is_not_waited_for():
+    # Published before its app declared a state: empty lineage, placeholder hash.
+    starting = [rec(f"{i:02x}" * 10, 0, "init", lineage=()) for i in (1, 2)]
+    me = rec("a1" * 10, 0, "h0", members=0)
+    assert verdict(me, [*starting, me]).ok
+    assert at_step([*starting, me], me.peer_id, 0, 0) == []
