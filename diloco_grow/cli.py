@@ -176,7 +176,9 @@ def _swarm_opt(flag: str, help: str, **kw: Any) -> Any:
 @_swarm_opt("--slowdown", "Emulate a machine this many times slower (experiments).", type=float)
 @_swarm_opt("--heartbeat-s", "Progress heartbeat (s); silent for two beats = dead.", type=float)
 @_swarm_opt("--matchmaking-s", "Grace for announcements once the swarm is ready (s).", type=float)
-@_swarm_opt("--max-wait-s", "Longest wait for a straggler past its own ETA (s).", type=float)
+@_swarm_opt(
+    "--max-wait-s", "Cap on the wait for stragglers, from when this peer is ready (s).", type=float
+)
 @_swarm_opt("--phase-timeout-s", "Abort a round silent this long (s).", type=float)
 @_swarm_opt("--round-timeout-s", "Give up a round after (s).", type=float)
 @_swarm_opt("--min-peers", "Fewest members to average and to commit growth.", type=int)

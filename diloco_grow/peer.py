@@ -134,13 +134,13 @@ class PeerApp:
             state_endpoint=state_ep,
             state_curve_key=self.state_server.public_key,
         )
-        self.swarm.start()
         self.g = self._local_state()
+        self.swarm.set_state(self.g.arch_epoch, self.g.step, self.g.hash(), 0)
+        self.swarm.start()
         # Each peer draws its own batches: the data stream is keyed by the peer id.
         worker_id = int.from_bytes(self.swarm.peer_id.encode()[-6:], "little") % (1 << 30)
         self.worker = Worker(self.cfg, self.g, self.corpus, worker=worker_id, device=o.device)
         self._restore_private()
-        self.swarm.set_state(self.g.arch_epoch, self.g.step, self.g.hash(), 0)
         self.averager = NetworkAverager(self.swarm, lambda: self.g.arch_epoch)
         self.metrics = MetricsWriter(Path(o.out_dir) / "metrics.jsonl", append=True)
         # Join: adopt the majority line's θ_g if it is not ours (a fresh peer, a restart).
@@ -200,9 +200,7 @@ class PeerApp:
             except ValueError as e:  # a committed vote that is no valid growth event
                 log.error("round at step %d not applied: %s", self.g.step, e)
                 continue
-            self.swarm.set_state(
-                self.g.arch_epoch, self.g.step, self.g.hash(), out.result.members
-            )
+            self.swarm.set_state(self.g.arch_epoch, self.g.step, self.g.hash(), out.result.members)
             self.late = False
             self.stats["rounds"] += 1
             self.stats["bytes_sent"] += out.result.bytes_sent

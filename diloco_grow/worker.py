@@ -111,7 +111,8 @@ class Worker:
 
     def contribution(self, g: GlobalState) -> tuple[Encoded, float]:
         """Encode Δ = θ_g − θ (with error feedback); weight = tokens processed (0 for a
-        peer that only just synced: it joins the round to stay in step, adding nothing)."""
+        peer that trained nothing yet; the swarm refuses it: a mean over nothing is never
+        committed)."""
         delta = pseudo_gradient(g.theta, self.model)
         if self.feedback is None:
             return self.codec.encode(delta), float(self.tokens_since_sync)

@@ -41,7 +41,7 @@ class AllReduceResult:
     bytes_sent: int  # by this peer during this call (all attempts, headers included)
     bytes_recv: int
     seconds: float  # the whole call: matchmaking, failed attempts, data phase, commit
-    data_seconds: float  # BEGIN to COMMIT of the attempt that committed
+    data_seconds: float  # BEGIN to commit (all votes in) of the attempt that committed
     committed_vote: dict | None  # the growth proposal the group committed, if any
     attempts: int  # 1 = the first group formed committed
     leader: str

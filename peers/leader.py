@@ -1,7 +1,7 @@
 """The leader's half of matchmaking: collect JOINs, freeze the group, agree on θ_g, BEGIN.
 
 The leader (lowest `leader_rank` among the announcers of an attempt) waits for the announcers
-it saw, for at most one more matchmaking window. If someone is missing it looks at the DHT
+it saw, for at most one more matchmaking grace. If someone is missing it looks at the DHT
 again: a lower rank that appeared meanwhile takes over (REDIRECT), and a group already
 averaging our step without us means we wait for its outcome instead of forming a rival group.
 A JOIN with weight 0 (nothing trained) is rejected: a round never commits an empty mean. Joiners
@@ -42,7 +42,7 @@ class Leader:
         complete: bool,
         rank: Callable[[RoundRequest, int, str], bytes],
     ) -> Group | Member | None:
-        """The frozen group; or a lower-id leader to follow instead; or None if a group is
+        """The frozen group; or a lower-rank leader to follow instead; or None if a group is
         already averaging our step without us (the caller then waits for its outcome)."""
         attempt = ann.attempt
         joined: dict[str, Announcement] = {self.me.peer_id: ann}

@@ -107,7 +107,7 @@ class Mailbox:
                 log.debug("dropped stale %s for %s/%s from %s", m.kind, m.epoch, m.step, m.sender)
 
     def pump(self, until: float) -> None:
-        """Move arrived messages into the buffer until `until`, e.g. during a matchmaking window."""
+        """Move arrived messages into the buffer until `until`, e.g. while gathering."""
         self.get(until, lambda m: False)
 
     def _keep(self, m: Msg) -> None:

@@ -146,7 +146,7 @@ class RoundRunner:
         while len(dones) < len(g.members):
             try:
                 msg, k = self._next(g, until, abort_on_silence=False)
-            except RoundAborted:  # an ABORT: its sender never voted, so nobody can commit
+            except RoundAborted:  # its sender did not hold every vote: we cannot either
                 self._phase(g, "aborted")
                 raise
             if msg is None:

@@ -288,7 +288,9 @@ class Swarm:
         members: int,
         lineage: list | tuple | None = None,
     ) -> None:
-        """Declare the θ_g we hold: after start-up, every committed round, and every download.
+        """Declare the θ_g we hold: before start() (so our first record carries it), after
+        every committed round, and after every download. Until then our record says we are
+        still starting and nobody counts or waits for us.
 
         `members`: how many peers signed the round that produced it (0 for a fresh init).
         `lineage`: after a download, the source's lineage (so we are on its line)."""
@@ -302,7 +304,8 @@ class Swarm:
             self._lineage = (*base, (step, params_hash, int(members)))[-MAX_LINEAGE:]
             self._epoch, self._step, self._hash = arch_epoch, step, params_hash
             self._progress = Progress()
-        self._publish(wait=False)
+        if self._started:  # before start(): the first record published carries it
+            self._publish(wait=False)
 
     def report(self, progress: Progress) -> None:
         """Our inner-phase progress; goes out with the next heartbeat (at once if `ready`

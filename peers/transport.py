@@ -172,7 +172,7 @@ class Transport:
         if self._ctx is None:
             return
         for s in self._dealers.values():
-            # Brief linger: a COMMIT sent just before shutdown should still leave, but a
+            # Brief linger: a vote (DONE) sent just before shutdown should still leave, but a
             # dead peer's queue must not hold shutdown up.
             s.close(linger=1000)
         self._dealers.clear()

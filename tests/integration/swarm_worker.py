@@ -128,6 +128,7 @@ def main() -> None:
         max_frame_bytes=args.max_frame_bytes,
     )
     swarm = Swarm(cfg, hook=fault_hook(args.fault))
+    swarm.set_state(0, 0, "init", 0)  # as the app does: our first record carries our state
     swarm.start()
     try:
         emit(

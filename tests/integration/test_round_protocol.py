@@ -139,9 +139,7 @@ def test_partition_3_vs_1_heals_to_the_majority_line(tmp_path):
     with netns.Netns(4) as net:
         launcher = Launcher(tmp_path, net)
         try:
-            peers = launcher.start(
-                4, common=["--inner-s", "3", "--rounds", "16", "--resync"]
-            )
+            peers = launcher.start(4, common=["--inner-s", "3", "--rounds", "16", "--resync"])
             majority, lone = peers[:3], peers[3]
             ids = {}
 
