@@ -385,13 +385,22 @@ class PeerApp:
         if req.get("cmd") == "status":
             return {"ok": True, **self._status()}
         if req.get("cmd") == "leave":
-            self.stopping.set()
+            self.leave()
             return {"ok": True}
         return {"ok": False, "error": f"unknown cmd {req.get('cmd')!r}; use status or leave"}
 
     def _ckpt_file(self) -> Path | None:
         d = self.opts.checkpoint_dir
         return Path(d) / "peer.safetensors" if d else None
+
+    def leave(self) -> None:
+        """Stop soon (a signal handler may call this): a round in progress is left at once
+        (before our vote: ABORT, the others retry without us; after it: silence, they
+        settle it from the records) instead of running to its end."""
+        self.stopping.set()
+        swarm = getattr(self, "swarm", None)
+        if swarm is not None:
+            swarm.leave()
 
     def shutdown(self) -> None:
         self.stopping.set()
@@ -433,7 +442,7 @@ def run_peer(cfg: RunConfig, opts: PeerOptions, threads: int = 0) -> None:
     log.info("torch threads: %d (--threads to change)", torch.get_num_threads())
     app = PeerApp(cfg, opts)
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: app.stopping.set())
+        signal.signal(sig, lambda *_: app.leave())
     try:
         try:
             maddr = app.start()

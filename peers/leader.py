@@ -23,7 +23,7 @@ from peers.errors import NeedResync, RoundAborted
 from peers.group import Group, RoundRequest
 from peers.mailbox import Mailbox
 from peers.messages import Member, Msg
-from peers.progress import SwarmView
+from peers.progress import SwarmView, at_step
 from peers.records import Announcement
 
 log = logging.getLogger(__name__)
@@ -48,13 +48,16 @@ class Leader:
         joined: dict[str, Announcement] = {self.me.peer_id: ann}
         grace = min(deadline, time.monotonic() + self.cfg.matchmaking_s)
         expected = {pid for pid, a in anns.items() if a.attempt == attempt}
-        while not expected <= set(joined):
+        while not expected <= set(joined) and time.monotonic() < grace:
             msg = self.mb.get(
-                grace, lambda m: m.kind == "JOIN" and (m.epoch, m.step) == (req.epoch, req.step)
+                min(grace, time.monotonic() + 0.2),
+                lambda m: m.kind == "JOIN" and (m.epoch, m.step) == (req.epoch, req.step),
             )
-            if msg is None:
-                break
-            self._on_join(msg, req, joined)
+            if msg is not None:
+                self._on_join(msg, req, joined)
+            else:  # announcements that became readable since: their JOINs are on the way
+                fresh = self.view.announcements(req.epoch, req.step, ann)
+                expected |= {pid for pid, a in fresh.items() if a.attempt == attempt}
         if not (complete and expected <= set(joined)):
             # Someone is missing: look again. A lower rank may have appeared (then it leads),
             # or a group may be averaging our step without us (then wait for its outcome).
@@ -94,6 +97,13 @@ class Leader:
                 params_hash=majority[0],
                 reason="θ_g hash differs from the group majority",
             )
+        if len(joined) == 1 and self._others_ready(req, ann):
+            # Alone, while another live peer is ready for this very step: two groups of one
+            # would commit two θ_g. Only a peer alone in the swarm commits alone.
+            raise RoundAborted(
+                "alone in the group while other live peers are ready for this step",
+                next_attempt=attempt + 1,
+            )
         if len(joined) < self.cfg.min_peers:
             self._tell(joined, "RETRY", attempt=attempt + 1)
             raise RoundAborted(
@@ -132,6 +142,11 @@ class Leader:
             self.reply(msg, "REJECT", reason="weight 0: train before joining a round")
         elif a.peer_id != self.me.peer_id:
             joined[a.peer_id] = a
+
+    def _others_ready(self, req: RoundRequest, ann: Announcement) -> bool:
+        anns = self.view.announcements(req.epoch, req.step, ann)
+        others = at_step(self.view.live(fresh=True), self.me.peer_id, req.epoch, req.step)
+        return any(r.ready or r.peer_id in anns for r in others)
 
     def busy_without_us(self, req: RoundRequest, attempt: int, joined: set[str]) -> bool:
         """Is a live peer outside `joined` in the data phase of our step, at our attempt or

@@ -4,10 +4,11 @@ Every record carries the state its peer holds (epoch, step, θ_g hash) and its r
 lineage: (step, hash, members of the round that produced it) for the last few commits.
 Two peers are *compatible* when their lineages agree at the latest step both know: then
 the one at the lower step is simply behind and catches up. Otherwise they *diverged* (a
-partition, a half-applied round) and the line whose latest round was signed by more
-members wins, then the one held by more live peers, then the higher step. Never "the
-highest step": a lone fast partition cannot overwrite the majority's work, and fresh
-joiners holding the initial θ_g (signed by nobody) cannot outvote a trained swarm.
+partition, a half-applied round) and the line held by more live peers wins (counting only
+peers whose state some round produced), then the line whose tip more members signed,
+then the higher step. Never "the highest step": a lone fast partition cannot overwrite
+the majority's work, a peer that alone applied a round the others aborted is outvoted by
+them, and fresh joiners holding the initial θ_g cannot outvote a trained swarm.
 
 Pure functions, so every peer evaluating the same records reaches the same verdict.
 """
@@ -45,13 +46,22 @@ def _members(r: PeerRecord) -> int:
 class Branch:
     tip: PeerRecord  # the most advanced holder of this line of history
     holders: tuple[str, ...]  # live peers on this line and on no other
+    signed: int  # of those, the ones holding a state some round produced (not a fresh init)
 
     def rank(self) -> tuple:
-        # First the members of the round that produced the tip: a state signed by more
-        # peers beats one signed by fewer (a lone partition: 1; a fresh init: 0), however
-        # many fresh joiners hold the init. Then live holders, then the higher step.
+        # "The hash that most of the last round's members hold": first the live peers on
+        # the line whose state came out of a round (fresh joiners at the initial θ_g count
+        # for nothing, however many), then the members that signed the tip, then all live
+        # holders, then the higher step.
         t = self.tip
-        return (_members(t), len(self.holders), t.arch_epoch, t.step, _neg(t.params_hash))
+        return (
+            self.signed,
+            _members(t),
+            len(self.holders),
+            t.arch_epoch,
+            t.step,
+            _neg(t.params_hash),
+        )
 
 
 def _neg(h: str) -> tuple[int, ...]:
@@ -71,12 +81,19 @@ def branches(records: list[PeerRecord]) -> list[Branch]:
     for r in ordered:
         if not any(compatible(t, r) for t in tips):
             tips.append(r)
-    holders: dict[str, list[str]] = {t.peer_id: [] for t in tips}
+    holders: dict[str, list[PeerRecord]] = {t.peer_id: [] for t in tips}
     for r in ordered:
         on = [t for t in tips if compatible(t, r)]
         if len(on) == 1:
-            holders[on[0].peer_id].append(r.peer_id)
-    bs = [Branch(t, tuple(sorted(holders[t.peer_id]))) for t in tips]
+            holders[on[0].peer_id].append(r)
+    bs = [
+        Branch(
+            t,
+            tuple(sorted(r.peer_id for r in holders[t.peer_id])),
+            sum(_members(r) > 0 for r in holders[t.peer_id]),
+        )
+        for t in tips
+    ]
     return sorted(bs, key=Branch.rank, reverse=True)
 
 

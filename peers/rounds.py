@@ -64,10 +64,12 @@ class RoundRunner:
         # on_phase publishes our phase in the heartbeat record; records() reads the
         # members' live records (fresh from the DHT) when we are stuck.
         self.on_phase, self.records, self.poll_s = on_phase, records, poll_s
+        self._voted = False
 
     def run(self, g: Group, local: Encoded, deadline: float) -> torch.Tensor:
         """Average `local` with the group; returns the committed mean (fp32, local.shape)."""
         self.mb.set_scope(g.epoch, g.step, g.attempt)
+        self._voted = False
         self._phase(g, "data")
         members = g.members
         n_members, i = len(members), [m.peer_id for m in members].index(self.me)
@@ -134,6 +136,7 @@ class RoundRunner:
     def _vote(self, g: Group, i: int, digest: str, dones: dict[int, str], deadline: float) -> None:
         """Send DONE to everyone; return once committed (all DONEs), raise once aborted."""
         self._phase(g, "voted")
+        self._voted = True
         sent = 0
         for k, m in enumerate(g.members):
             if k != i:
@@ -204,7 +207,11 @@ class RoundRunner:
                         or (m.kind == "JOIN" and (m.epoch, m.step) == (g.epoch, g.step))
                     ),
                 )
-            except RoundFailed:  # we are shutting down: tell the others instead of stalling them
+            except RoundFailed:  # we are shutting down
+                if self._voted:
+                    # Our vote is out: an ABORT now could split the members (some may hold
+                    # every vote). Go silent; they settle it from the records (outcome.py).
+                    raise
                 self._abort(g, "a member is leaving the swarm", RoundFailed)
             if msg is None:
                 if not abort_on_silence:

@@ -124,6 +124,12 @@ class Swarm:
             "peer %s up: data plane %s, DHT %s", self.peer_id, self.me.endpoint, self.visible_maddrs
         )
 
+    def leave(self) -> None:
+        """Make a round in progress end now (RoundFailed) and refuse new ones; safe from a
+        signal handler (it only sets an event). shutdown() still has to follow."""
+        if getattr(self, "mailbox", None) is not None:
+            self.mailbox.closing.set()
+
     def shutdown(self) -> None:
         """Leave any round in progress, close sockets, stop the DHT and its p2pd child.
 

@@ -693,3 +693,18 @@ def test_a_peer_still_starting_holds_no_state_and_is_not_waited_for():
     me = rec("a1" * 10, 0, "h0", members=0)
     assert verdict(me, [*starting, me]).ok
     assert at_step([*starting, me], me.peer_id, 0, 0) == []
+
+
+def test_a_peer_that_alone_applied_a_round_is_outvoted_by_the_members_that_aborted_it():
+    # Round 5 had 3 members; C got every vote and committed (tip signed by 3), A and B
+    # aborted and retried without it (tip signed by 2). The majority holds the 2-member
+    # line: C must resync, A and B must not, whatever C's member count says.
+    base = ((3, "h3", 3), (4, "h4", 3))
+    a = rec("a1" * 10, 6, "m6", lineage=(*base, (5, "m5", 2), (6, "m6", 2)), members=2)
+    b = rec("b2" * 10, 6, "m6", lineage=(*base, (5, "m5", 2), (6, "m6", 2)), members=2)
+    c = rec("c3" * 10, 5, "c5", lineage=(*base, (5, "c5", 3)), members=3)
+    recs = [a, b, c]
+    assert verdict(a, recs).ok and verdict(b, recs).ok
+    v = verdict(c, recs)
+    assert not v.ok and v.source is not None and v.source.params_hash == "m6"
+    assert "diverged" in v.reason
