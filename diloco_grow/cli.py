@@ -313,7 +313,16 @@ def status(join: tuple[str, ...], run_name: str, as_json: bool, timeout: float) 
         peers = read_progress(run_name, list(join), timeout=timeout)
     except Exception as e:
         fail(f"could not read the swarm's DHT via {list(join)}: {e}")
-    fields = ["peer_id", "step", "arch_epoch", "params_hash", "loss", "tokens_per_s", "bytes_sent"]
+    fields = [
+        "peer_id",
+        "step",
+        "arch_epoch",
+        "params_hash",
+        "loss",
+        "val_loss",
+        "tokens_per_s",
+        "bytes_sent",
+    ]
     rows = [
         {k: p.get(k) for k in fields} for p in sorted(peers, key=lambda p: str(p.get("peer_id")))
     ]

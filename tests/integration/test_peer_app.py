@@ -120,7 +120,15 @@ def test_late_joiner_under_real_timing_growth_status_and_clean_exit(tmp_path, pr
 
     peers = wait_for(live_peers, 200, "status --json listing all three peers", procs)
     for p in peers:
-        assert {"peer_id", "step", "arch_epoch", "params_hash", "loss", "tokens_per_s"} <= set(p)
+        assert {
+            "peer_id",
+            "step",
+            "arch_epoch",
+            "params_hash",
+            "loss",
+            "val_loss",
+            "tokens_per_s",
+        } <= set(p)
         assert p["step"] >= 3 and len(p["params_hash"]) == 16
 
     for p in procs:
