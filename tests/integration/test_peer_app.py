@@ -161,10 +161,12 @@ def test_late_joiner_under_real_timing_growth_status_and_clean_exit(tmp_path, pr
         assert all(r["inner_steps"] == H for r in rs[1:]), [r["inner_steps"] for r in rs]
         assert rs[-1]["discarded_phases"] == 0 and rs[-1]["resyncs"] == 0
     assert recs[0][0]["inner_steps"] == H
-    # The joiner downloaded once (joining), trained and contributed from its first round
-    # on, at the swarm's step (it did not start at 0), and every later round had all three.
+    # The joiner downloaded θ_g when joining (twice if the swarm committed a round during
+    # its download: the second one shifts its progress, it loses nothing), trained and
+    # contributed from its first round on, at the swarm's step (it did not start at 0),
+    # and every later round had all three.
     joiner = recs[2]
-    assert joiner[-1]["resyncs"] == 1 and joiner[-1]["discarded_phases"] == 0
+    assert 1 <= joiner[-1]["resyncs"] <= 2 and joiner[-1]["discarded_phases"] == 0
     join_step = joiner[0]["step"] - 1
     assert join_step >= 2
     assert all(r["weight"] > 0 for r in joiner)
