@@ -291,24 +291,14 @@ def run_simulate(a: argparse.Namespace, cfg_path: Path, work: Path, H: int) -> l
 def initial_val_loss(cfg_path: Path, preset: str) -> float:
     """θ_0's val loss (the same seed on both drivers): the curve's point at 0 tokens."""
     from diloco_grow.config import build_config
-    from diloco_grow.data import load_corpus, val_batches
-    from diloco_grow.model import MoETransformer
-    from diloco_grow.outer import assign_flat
-    from diloco_grow.train import evaluate
+    from diloco_grow.data import load_corpus, val_set
+    from diloco_grow.train import evaluate_theta
     from diloco_grow.worker import GlobalState
 
     cfg = build_config(cfg_path, preset)
-    corpus = load_corpus(cfg.data.path, cfg.data.val_fraction)
-    val = val_batches(
-        corpus,
-        seq_len=cfg.model.seq_len,
-        batch_size=cfg.inner.batch_size,
-        n_batches=cfg.data.val_batches,
-    )
     g = GlobalState.init(cfg)
-    model = MoETransformer(g.model_cfg)
-    assign_flat(model, g.theta)
-    return evaluate(model, val)
+    corpus = load_corpus(cfg.data.path, cfg.data.val_fraction)
+    return evaluate_theta(g.model_cfg, g.theta, val_set(corpus, cfg))
 
 
 def compare(

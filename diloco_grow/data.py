@@ -147,6 +147,16 @@ class BatchStream:
         return chunk[:, :-1], chunk[:, 1:]
 
 
+def val_set(corpus: Corpus, cfg: RunConfig) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The run's validation set: `data.val_batches` batches of the run's shape."""
+    return val_batches(
+        corpus,
+        seq_len=cfg.model.seq_len,
+        batch_size=cfg.inner.batch_size,
+        n_batches=cfg.data.val_batches,
+    )
+
+
 def val_batches(
     corpus: Corpus, *, seq_len: int, batch_size: int, n_batches: int, seed: int = 1234
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -27,18 +27,17 @@ import torch
 
 from diloco_grow import checkpoint as ckpt
 from diloco_grow.config import RunConfig
-from diloco_grow.data import load_corpus, val_batches
+from diloco_grow.data import load_corpus, val_set
 from diloco_grow.growth import GrowthEvent, growth_line
 from diloco_grow.loop import RoundOutcome, outer_round
 from diloco_grow.metrics import MetricsWriter
-from diloco_grow.model import MoETransformer
 from diloco_grow.net_averager import NetworkAverager
-from diloco_grow.outer import assign_flat
 from diloco_grow.pacing import PhasePacer
 from diloco_grow.state_sync import fetch_state, holders
-from diloco_grow.train import InnerStats, evaluate
+from diloco_grow.train import InnerStats, evaluate_theta
 from diloco_grow.worker import GlobalState, Worker
 from peers.control import ControlServer
+from peers.lineage import members_at
 from peers.state_transfer import StateServer
 from peers.swarm import NeedResync, Progress, RoundFailed, Swarm, SwarmConfig
 
@@ -99,12 +98,7 @@ class PeerApp:
         self.lock = threading.Lock()  # guards g against the state server's thread
         self.stopping = threading.Event()
         self.corpus = load_corpus(cfg.data.path, cfg.data.val_fraction)
-        self.val = val_batches(
-            self.corpus,
-            seq_len=cfg.model.seq_len,
-            batch_size=cfg.inner.batch_size,
-            n_batches=cfg.data.val_batches,
-        )
+        self.val = val_set(self.corpus, cfg)
         self.late = False  # this phase started from downloaded state (pacing.py)
         self.stats: dict[str, Any] = {
             "loss": None,
@@ -281,7 +275,7 @@ class PeerApp:
                     log.warning("architecture changed while we were away: local progress lost")
                 self.worker.resync(new)
             self.g = new
-        members = next((m for s, _, m in reversed(src.get("lineage", [])) if s == new.step), 0)
+        members = members_at(src.get("lineage", []), new.step)
         self.swarm.set_state(new.arch_epoch, new.step, new.hash(), members, src.get("lineage"))
         self.stats["resyncs"] += 1
         self.late = True
@@ -297,9 +291,7 @@ class PeerApp:
         g, res, event = self.g, out.result, out.event
         val_loss = None
         if self.opts.eval_every and g.step % self.opts.eval_every == 0:
-            model = MoETransformer(g.model_cfg)
-            assign_flat(model, g.theta)
-            val_loss = evaluate(model, self.val)
+            val_loss = evaluate_theta(g.model_cfg, g.theta, self.val)
             self.stats["val_loss"] = val_loss
         h = g.hash()
         record = {

@@ -17,14 +17,13 @@ from tqdm import tqdm
 
 from diloco_grow import checkpoint as ckpt
 from diloco_grow.config import RunConfig
-from diloco_grow.data import BatchStream, Corpus, load_corpus, val_batches
+from diloco_grow.data import BatchStream, Corpus, load_corpus, val_set
 from diloco_grow.growth import GrowthEvent, growth_line
 from diloco_grow.local_averager import LocalAverager
 from diloco_grow.loop import outer_round
 from diloco_grow.metrics import MetricsWriter, read_jsonl
-from diloco_grow.model import ModelConfig, MoETransformer
-from diloco_grow.outer import assign_flat
-from diloco_grow.train import evaluate, lr_at, make_optimizer
+from diloco_grow.model import MoETransformer
+from diloco_grow.train import evaluate, evaluate_theta, lr_at, make_optimizer
 from diloco_grow.worker import GlobalState, Worker
 
 
@@ -42,28 +41,13 @@ class SimSpec:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _val_loss(g: GlobalState, val: list, device: str) -> float:
-    return _val_loss_of(g.model_cfg, g.theta, val, device)
-
-
-def _val_loss_of(model_cfg: ModelConfig, theta: torch.Tensor, val: list, device: str) -> float:
-    model = MoETransformer(model_cfg)
-    assign_flat(model, theta)
-    return evaluate(model.to(device), val, device)
-
-
 def simulate(cfg: RunConfig, spec: SimSpec, corpus: Corpus | None = None) -> dict[str, Any]:
     """Run DiLoCo with `spec.workers` workers; returns the final summary record."""
     corpus = corpus or load_corpus(cfg.data.path, cfg.data.val_fraction)
     out = Path(spec.out_dir)
     ckpt_path = out / "checkpoint.safetensors"
     H, S, M = cfg.inner.steps, spec.outer_steps, spec.workers
-    val = val_batches(
-        corpus,
-        seq_len=cfg.model.seq_len,
-        batch_size=cfg.inner.batch_size,
-        n_batches=cfg.data.val_batches,
-    )
+    val = val_set(corpus, cfg)
 
     # --- state: shared θ_g + one Worker per island --------------------------------------
     g = GlobalState.init(cfg)
@@ -98,9 +82,9 @@ def simulate(cfg: RunConfig, spec: SimSpec, corpus: Corpus | None = None) -> dic
         # --- outer round: average int8 pseudo-gradients, Nesterov, growth (loop.py) -------
         out = outer_round(g, workers, averager, scheduled=schedule.get(g.step + 1))
         totals["bytes_sent_per_worker"] += out.result.bytes_sent
-        val_loss = _val_loss(g, val, spec.device)
+        val_loss = evaluate_theta(g.model_cfg, g.theta, val, spec.device)
         if out.event is not None and out.pre_growth is not None:
-            val_before = _val_loss_of(*out.pre_growth, val, spec.device)
+            val_before = evaluate_theta(*out.pre_growth, val, spec.device)
             metrics.write(
                 {
                     "step": g.step,
@@ -161,12 +145,7 @@ def train_sync(cfg: RunConfig, spec: SimSpec, corpus: Corpus | None = None) -> d
     corpus = corpus or load_corpus(cfg.data.path, cfg.data.val_fraction)
     out = Path(spec.out_dir)
     H, S, M = cfg.inner.steps, spec.outer_steps, spec.workers
-    val = val_batches(
-        corpus,
-        seq_len=cfg.model.seq_len,
-        batch_size=cfg.inner.batch_size,
-        n_batches=cfg.data.val_batches,
-    )
+    val = val_set(corpus, cfg)
     torch.manual_seed(cfg.seed)
     model = MoETransformer(cfg.model).to(spec.device)
     opt = make_optimizer(model, cfg.inner)

@@ -11,6 +11,8 @@ from torch import nn
 
 from diloco_grow.config import InnerConfig
 from diloco_grow.data import BatchStream
+from diloco_grow.model import ModelConfig, MoETransformer
+from diloco_grow.outer import assign_flat
 
 
 @dataclass
@@ -114,6 +116,18 @@ class InnerTrainer:
         self.opt.load_state_dict(d["opt"])
         self.step, self.warmup_from = int(d["step"]), int(d["warmup_from"])
         self.stream.position = int(d["data_position"])
+
+
+def evaluate_theta(
+    model_cfg: ModelConfig,
+    theta: torch.Tensor,
+    batches: list[tuple[torch.Tensor, torch.Tensor]],
+    device: str = "cpu",
+) -> float:
+    """Validation loss of a flat parameter vector (θ_g) of architecture `model_cfg`."""
+    model = MoETransformer(model_cfg)
+    assign_flat(model, theta)
+    return evaluate(model.to(device), batches, device)
 
 
 @torch.no_grad()

@@ -63,11 +63,9 @@ class Leader:
             # or a group may be averaging our step without us (then wait for its outcome).
             anns = self.view.announcements(req.epoch, req.step, ann)
             mine = rank(req, attempt, self.me.peer_id)
-            lower = sorted(
-                (pid for pid, a in anns.items() if a.attempt == attempt),
-                key=lambda pid: rank(req, attempt, pid),
-            )
-            lower = [pid for pid in lower if rank(req, attempt, pid) < mine]
+            ours = (pid for pid, a in anns.items() if a.attempt == attempt)
+            ranks = {pid: rank(req, attempt, pid) for pid in ours}
+            lower = sorted((pid for pid, r in ranks.items() if r < mine), key=ranks.__getitem__)
             if lower:
                 a = anns[lower[0]]
                 new = Member(a.peer_id, a.endpoint, a.curve_key, 0.0)
@@ -88,7 +86,7 @@ class Leader:
             self._tell(joined, "RETRY", attempt=attempt + 1)
             raise NeedResync(
                 f"the majority of joiners hold θ_g {majority[0]}, not ours",
-                _public(self.view.record_of(holder)),
+                self.view.public_of(holder),
             )
         for pid in [pid for pid, s in states.items() if s != majority]:
             self._reply_to(
@@ -177,7 +175,3 @@ class Leader:
         for pid, a in joined.items():
             if pid != self.me.peer_id:
                 self._reply_to(a, kind, **body)
-
-
-def _public(r: object) -> dict | None:
-    return None if r is None else r.public()  # type: ignore[attr-defined]

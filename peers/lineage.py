@@ -38,8 +38,14 @@ def compatible(a: PeerRecord, b: PeerRecord) -> bool:
     return ha[s] == hb[s]
 
 
+def members_at(lineage: list | tuple, step: int) -> int:
+    """How many members signed the round that produced `step` in this lineage (0: none,
+    e.g. a fresh init or a step older than the lineage remembers)."""
+    return next((m for s, _, m in reversed(lineage) if s == step), 0)
+
+
 def _members(r: PeerRecord) -> int:
-    return next((m for step, _, m in reversed(r.lineage) if step == r.step), 0)
+    return members_at(r.lineage, r.step)
 
 
 @dataclass(frozen=True)

@@ -114,11 +114,6 @@ class Matchmaker:
             present = {pid for pid, a in anns.items() if a.attempt >= ann.attempt}
             now = time.time()
             live = self.view.live(fresh=True)
-            log.debug(
-                "gather step %d: ages %s",
-                req.step,
-                {r.peer_id[:6]: round(time.time() - r.time, 2) for r in self.view.records()},
-            )
             peers = at_step(live, self.me.peer_id, req.epoch, req.step)
             missing = [r for r in peers if r.peer_id not in present]
             cap = ready_at + self.cfg.max_wait_s
@@ -163,7 +158,7 @@ class Matchmaker:
                 raise NeedResync(
                     f"group θ_g hash {msg.body['params_hash']} differs from ours "
                     f"({msg.body['reason']})",
-                    self._record(target.peer_id),
+                    self.view.public_of(target.peer_id),
                 )
             if msg.kind == "REJECT":
                 raise RoundFailed(f"leader {target.peer_id} rejected us: {msg.body['reason']}")
@@ -221,7 +216,8 @@ class Matchmaker:
             raise RoundAborted("BEGIN for another tensor layout", next_attempt=ann.attempt + 1)
         if b["params_hash"] != req.params_hash:
             raise NeedResync(
-                f"group θ_g hash {b['params_hash']} differs from ours", self._record(leader.peer_id)
+                f"group θ_g hash {b['params_hash']} differs from ours",
+                self.view.public_of(leader.peer_id),
             )
         if sum(m.weight for m in b["members"]) <= 0:
             raise RoundAborted("BEGIN with total weight 0", next_attempt=ann.attempt + 1)
@@ -259,10 +255,6 @@ class Matchmaker:
                     "the other group finished or gave up", next_attempt=max(top, attempt + 1)
                 )
         raise RoundFailed("a round for our step ran without us until the deadline")
-
-    def _record(self, peer_id: str) -> dict | None:
-        r = self.view.record_of(peer_id)
-        return None if r is None else r.public()
 
     def _send_join(self, target: Member, ann: Announcement) -> None:
         body = {k: v for k, v in ann.to_dict().items() if k not in ("peer_id", "attempt")}

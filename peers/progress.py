@@ -105,8 +105,10 @@ class SwarmView:
         now = time.time()
         return [r for r in recs if is_live(r, self.cfg, now)]
 
-    def record_of(self, peer_id: str) -> PeerRecord | None:
-        return next((r for r in self.records() if r.peer_id == peer_id), None)
+    def public_of(self, peer_id: str) -> dict | None:
+        """A peer's latest record as a plain dict (what NeedResync carries), or None."""
+        r = next((r for r in self.records() if r.peer_id == peer_id), None)
+        return None if r is None else r.public()
 
     def announce_key(self, epoch: int, step: int) -> str:
         return self.dht.key("round", epoch, step)

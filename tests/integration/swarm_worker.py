@@ -28,6 +28,7 @@ import torch
 
 from compression.codec import get_codec
 from peers.errors import NeedResync, RoundFailed
+from peers.lineage import members_at
 from peers.swarm import Progress, Swarm, SwarmConfig
 
 GROW = {"kind": "experts", "factor": 2, "alpha": 0.0, "seed": 7}
@@ -164,7 +165,7 @@ def main() -> None:
                     src = e.source
                     epoch, step, params_hash = src["arch_epoch"], src["step"], src["params_hash"]
                     lineage = src["lineage"]
-                    members = next((m for s, _, m in reversed(lineage) if s == step), 0)
+                    members = members_at(lineage, step)
                     emit(event="resync", step=step, source=src["peer_id"])
                     continue
                 if isinstance(e, RoundFailed) and args.resync:
