@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from peers.config import SwarmConfig
@@ -83,8 +84,15 @@ def finishing_deadline(r: PeerRecord, cfg: SwarmConfig) -> float:
 class SwarmView:
     """The latest heartbeat records of the swarm, refreshed in the background."""
 
-    def __init__(self, dht: SwarmDHT, me: str, cfg: SwarmConfig) -> None:
+    def __init__(
+        self,
+        dht: SwarmDHT,
+        me: str,
+        cfg: SwarmConfig,
+        hidden: Callable[[], set[str]] = set,
+    ) -> None:
         self.dht, self.me, self.cfg = dht, me, cfg
+        self.hidden = hidden  # peers we ignore (banned: blame.py)
         self._records: list[PeerRecord] = []
         self._lock = threading.Lock()
 
@@ -102,8 +110,8 @@ class SwarmView:
     def live(self, fresh: bool = False) -> list[PeerRecord]:
         """Live peers (ourselves included once our record is out), newest view."""
         recs = self.refresh() if fresh else self.records()
-        now = time.time()
-        return [r for r in recs if is_live(r, self.cfg, now)]
+        now, hidden = time.time(), self.hidden()
+        return [r for r in recs if is_live(r, self.cfg, now) and r.peer_id not in hidden]
 
     def public_of(self, peer_id: str) -> dict | None:
         """A peer's latest record as a plain dict (what NeedResync carries), or None."""
@@ -116,9 +124,11 @@ class SwarmView:
     def announcements(
         self, epoch: int, step: int, mine: Announcement | None = None
     ) -> dict[str, Announcement]:
+        hidden = self.hidden()
         anns = {
             a.peer_id: a
             for a in self.dht.fetch(self.announce_key(epoch, step), Announcement.from_dict)
+            if a.peer_id not in hidden
         }
         if mine is not None:
             anns[mine.peer_id] = mine  # our own write may not be readable yet

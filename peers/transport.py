@@ -31,7 +31,15 @@ from compression.wire import WireError, pack_message, unpack_message
 log = logging.getLogger(__name__)
 
 MAX_HEADER_BYTES = 1 << 20
-MAX_DEALERS = 256  # cached outgoing connections; the oldest is closed beyond this
+# Cached outgoing connections; the least recently used is closed beyond this. Above the
+# largest group (records.MAX_MEMBERS), so a round never closes a member's connection.
+MAX_DEALERS = 1100
+EVICT_LINGER_MS = 2000  # an evicted connection still delivers what it has queued
+# Messages queued per sending peer while we are not reading (we read only during rounds,
+# and between rounds a peer sends us at most a late vote or two). zmq's default of 1000
+# frames of up to max_frame_bytes each let one connection pin gigabytes while we trained;
+# past this, zmq stops reading that connection and the sender's own queue holds the rest.
+RCV_HWM = 4
 
 
 @dataclass(frozen=True)
@@ -66,6 +74,7 @@ class Transport:
         r.curve_publickey, r.curve_secretkey = pub, sec
         # zmq drops a peer that sends more than this, before we allocate it in Python.
         r.setsockopt(zmq.MAXMSGSIZE, self.max_frame_bytes + MAX_HEADER_BYTES)
+        r.setsockopt(zmq.RCVHWM, RCV_HWM)
         r.linger = 0
         if self.port:
             r.bind(f"tcp://{self.host}:{self.port}")
@@ -165,7 +174,7 @@ class Transport:
         self._dealers[k] = s
         while len(self._dealers) > MAX_DEALERS:
             _, old = self._dealers.popitem(last=False)
-            old.close(0)
+            old.close(linger=EVICT_LINGER_MS)  # non-blocking: zmq's reaper sends the rest
         return s
 
     def close(self) -> None:
