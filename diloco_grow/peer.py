@@ -124,7 +124,9 @@ class PeerApp:
         state_ep = self.state_server.endpoint
         if o.announce_host:
             state_ep = f"tcp://{o.announce_host}:{state_ep.rsplit(':', 1)[1]}"
-        net = o.swarm_config()
+        # The reducers combine contributions as the run's [robust] section says, the same
+        # aggregator simulate uses.
+        net = dataclasses.replace(o.swarm_config(), robust=self.cfg.robust)
         if "max_frame_bytes" not in o.extra_swarm:
             # The largest frame this run can produce: all of θ_g in fp32 (a shard is at
             # most the whole vector) at the largest architecture growth can reach.
