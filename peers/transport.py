@@ -6,9 +6,26 @@ ever shared between "request" and "reply" state.
 
 Why CURVE with a ZAP handler: the ROUTER is a CURVE server (its public key is published in
 our signed DHT record, so connecting clients know they talk to us), and every DEALER uses
-this peer's own keypair as its client key. With an authenticator that accepts any client key,
-zmq stamps each received frame with the sender's public key ("User-Id"); rounds compare it
-with the member's published key, so a member's messages cannot be forged.
+this peer's own keypair as its client key. zmq stamps each received frame with the sender's
+public key ("User-Id"); rounds compare it with the member's published key, so a member's
+messages cannot be forged.
+
+Who may connect: in an open run, any client key (CURVE_ALLOW_ANY). In an admitted run the ZAP
+handler asks a `KeyGate`, which holds the CURVE keys of the admitted peers' records (the
+swarm view feeds it after every DHT read, progress.py) plus our own: a stranger's handshake
+is refused before any of its frames reach us. A connection that passed ZAP is never asked
+again, so received frames are also checked against the gate (a certificate that expired, a
+record that is gone).
+
+What libzmq (4.3.5, pyzmq 27) does with a refused client, measured: the server answers the
+handshake with a CURVE ERROR, and the client treats it as a protocol error. It drops that
+connection for good: no reconnect (unlike a broken TCP connection), and the messages queued
+on it are discarded. Sends on that DEALER then find no pipe (EAGAIN; the first one right after
+the refusal may still be taken into the dying pipe and lost). So `send` redials: a DEALER
+that cannot take a message is replaced by a fresh one, whose handshake asks the remote's ZAP
+handler again. A newcomer whose record the remote has not read yet loses what it sent before
+(typically one JOIN, which the round protocol retries) and gets through with its first message
+after the remote's next view refresh, i.e. within a heartbeat.
 
 Threading: zmq sockets are not thread-safe. All sockets here are used only by the thread that
 runs `Swarm.all_reduce` (the Swarm serialises callers with a lock); the authenticator runs
@@ -18,8 +35,10 @@ in its own thread with its own socket, as zmq intends.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import zmq
@@ -42,15 +61,64 @@ class Envelope:
     nbytes: int
 
 
+class KeyGate:
+    """The CURVE client keys allowed onto our data plane in an admitted run.
+
+    `allow` marks keys as seen now; a key stays allowed for `keep_s` after it was last seen,
+    so one partial or failed DHT read does not lock admitted peers out mid-round. The ZAP
+    handler thread calls `callback`; the swarm view's threads call `allow`."""
+
+    def __init__(self, keep_s: float) -> None:
+        self.keep_s = keep_s
+        self.own: str | None = None  # our own client key, always allowed
+        self.denied = 0  # handshakes refused (only the ZAP thread writes it)
+        self._seen: dict[str, float] = {}
+        self._lock = threading.Lock()
+        self._warned: set[str] = set()
+
+    def allow(self, keys: Iterable[str]) -> None:
+        now = time.monotonic()
+        with self._lock:
+            for k in keys:
+                self._seen[k] = now
+            for k in [k for k, t in self._seen.items() if now - t > self.keep_s]:
+                del self._seen[k]
+
+    def __contains__(self, key: str) -> bool:
+        if key == self.own:
+            return True
+        with self._lock:
+            t = self._seen.get(key)
+        return t is not None and time.monotonic() - t <= self.keep_s
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        """ZAP: may this client key (z85) connect?"""
+        k = key.decode("ascii", "replace")
+        if k in self:
+            return True
+        self.denied += 1
+        if k not in self._warned and len(self._warned) < 10_000:  # one line per key
+            self._warned.add(k)
+            log.warning("data plane: refused a connection from CURVE key %s (not admitted)", k)
+        return False
+
+
 class Transport:
     def __init__(
-        self, host: str, port: int, announce_host: str | None, max_frame_bytes: int
+        self,
+        host: str,
+        port: int,
+        announce_host: str | None,
+        max_frame_bytes: int,
+        gate: KeyGate | None = None,
     ) -> None:
         self.host, self.port, self.announce_host = host, port, announce_host
         self.max_frame_bytes = max_frame_bytes
+        self.gate = gate  # None: an open run, any client key may connect
         self.bytes_sent = 0
         self.bytes_recv = 0
         self.dropped = 0  # frames rejected before parsing (shown by tests and status)
+        self.refused = 0  # frames from a key that is no longer admitted
         self._dealers: OrderedDict[tuple[str, str], zmq.Socket] = OrderedDict()
         self._ctx: zmq.Context | None = None
 
@@ -58,9 +126,13 @@ class Transport:
         self._ctx = zmq.Context()
         self._auth = ThreadAuthenticator(self._ctx)
         self._auth.start()
-        self._auth.configure_curve(domain="*", location=zmq.auth.CURVE_ALLOW_ANY)
         pub, sec = zmq.curve_keypair()
         self._pub, self._sec = pub, sec
+        if self.gate is None:
+            self._auth.configure_curve(domain="*", location=zmq.auth.CURVE_ALLOW_ANY)
+        else:
+            self.gate.own = pub.decode()
+            self._auth.configure_curve_callback(domain="*", credentials_provider=self.gate)
         r = self._ctx.socket(zmq.ROUTER)
         r.curve_server = True
         r.curve_publickey, r.curve_secretkey = pub, sec
@@ -81,6 +153,16 @@ class Transport:
         return self._pub.decode()
 
     @property
+    def denied(self) -> int:
+        """Handshakes refused by ZAP plus frames refused afterwards (admitted runs)."""
+        return (0 if self.gate is None else self.gate.denied) + self.refused
+
+    def allow(self, keys: Iterable[str]) -> None:
+        """The CURVE keys of admitted peers, as just read from the DHT (no-op if open)."""
+        if self.gate is not None:
+            self.gate.allow(keys)
+
+    @property
     def endpoint(self) -> str:
         return f"tcp://{self.announce_host or self.host}:{self._bound_port}"
 
@@ -96,9 +178,16 @@ class Transport:
         if payload is not None:
             frames.append(payload)
         try:
-            self._dealer(endpoint, server_key).send_multipart(
-                frames, flags=zmq.NOBLOCK, copy=payload is None
-            )
+            try:
+                self._dealer(endpoint, server_key).send_multipart(
+                    frames, flags=zmq.NOBLOCK, copy=payload is None
+                )
+            except zmq.Again:
+                # No pipe: the remote refused our key (see the module doc), so dial again;
+                # or a stalled peer's queue is full, and a new connection costs nothing more.
+                self._dealer(endpoint, server_key, fresh=True).send_multipart(
+                    frames, flags=zmq.NOBLOCK, copy=payload is None
+                )
         except zmq.Again:
             # A stalled peer whose queue is full: the round will time out on it anyway.
             log.warning("send queue to %s is full; message %s dropped", endpoint, header["t"])
@@ -126,6 +215,10 @@ class Transport:
         key = frames[-1].get("User-Id") if len(frames) > 1 else None
         if len(frames) not in (2, 3) or not key:
             return self._drop(f"{len(frames)} frames from {key}")
+        if self.gate is not None and key not in self.gate:
+            self.refused += 1
+            log.debug("dropped a frame from %s: not admitted (any longer)", key)
+            return None
         if frames[1].buffer.nbytes > MAX_HEADER_BYTES:
             return self._drop(f"header of {frames[1].buffer.nbytes} bytes from {key}")
         payload = frames[2].buffer if len(frames) == 3 else None
@@ -144,9 +237,15 @@ class Transport:
         log.warning("dropped malformed frame: %s", why)
         return None
 
-    def _dealer(self, endpoint: str, server_key: str) -> zmq.Socket:
+    def _dealer(self, endpoint: str, server_key: str, fresh: bool = False) -> zmq.Socket:
         k = (endpoint, server_key)
         s = self._dealers.get(k)
+        # A DEALER that cannot take a message has lost its only pipe (the remote refused our
+        # key) or is full: replace it (the module doc says why libzmq never redials it).
+        if s is not None and (fresh or not s.get(zmq.EVENTS) & zmq.POLLOUT):
+            del self._dealers[k]
+            s.close(0)
+            s = None
         if s is not None:
             self._dealers.move_to_end(k)
             return s
