@@ -17,19 +17,9 @@ is refused before any of its frames reach us. A connection that passed ZAP is ne
 again, so received frames are also checked against the gate (a certificate that expired, a
 record that is gone).
 
-What libzmq (4.3.5, pyzmq 27) does with a refused client, measured: the server answers the
-handshake with a CURVE ERROR, and the client treats it as a protocol error. It drops that
-connection for good: no reconnect (unlike a broken TCP connection), and the messages queued
-on it are discarded. Sends on that DEALER then find no pipe (EAGAIN; the first one right after
-the refusal may still be taken into the dying pipe and lost). So `send` redials: a DEALER
-that cannot take a message is replaced by a fresh one, whose handshake asks the remote's ZAP
-handler again. A newcomer whose record the remote has not read yet loses what it sent before
-(typically one JOIN, which the round protocol retries) and gets through with its first message
-after the remote's next view refresh, i.e. within a heartbeat.
-
-Threading: zmq sockets are not thread-safe. All sockets here are used only by the thread that
-runs `Swarm.all_reduce` (the Swarm serialises callers with a lock); the authenticator runs
-in its own thread with its own socket, as zmq intends.
+A refused client's connection is dropped by libzmq for good, with whatever was queued on it;
+dealers.py redials it and sends its control messages again, so a newcomer whose record the
+remote has not read yet gets in within about a heartbeat of that read.
 """
 
 from __future__ import annotations
@@ -37,7 +27,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -46,11 +35,11 @@ import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
 from compression.wire import WireError, pack_message, unpack_message
+from peers.dealers import REDIAL_S, Dealers
 
 log = logging.getLogger(__name__)
 
 MAX_HEADER_BYTES = 1 << 20
-MAX_DEALERS = 256  # cached outgoing connections; the oldest is closed beyond this
 
 
 @dataclass(frozen=True)
@@ -119,7 +108,6 @@ class Transport:
         self.bytes_recv = 0
         self.dropped = 0  # frames rejected before parsing (shown by tests and status)
         self.refused = 0  # frames from a key that is no longer admitted
-        self._dealers: OrderedDict[tuple[str, str], zmq.Socket] = OrderedDict()
         self._ctx: zmq.Context | None = None
 
     def start(self) -> None:
@@ -145,6 +133,7 @@ class Transport:
         else:
             port = r.bind_to_random_port(f"tcp://{self.host}")
         self._router, self._bound_port = r, port
+        self._dealers = Dealers(self._ctx, pub, sec)
         self._poller = zmq.Poller()
         self._poller.register(r, zmq.POLLIN)
 
@@ -177,17 +166,9 @@ class Transport:
         frames: list = [pack_message(header)]
         if payload is not None:
             frames.append(payload)
+        assert self._ctx is not None, "transport not started"
         try:
-            try:
-                self._dealer(endpoint, server_key).send_multipart(
-                    frames, flags=zmq.NOBLOCK, copy=payload is None
-                )
-            except zmq.Again:
-                # No pipe: the remote refused our key (see the module doc), so dial again;
-                # or a stalled peer's queue is full, and a new connection costs nothing more.
-                self._dealer(endpoint, server_key, fresh=True).send_multipart(
-                    frames, flags=zmq.NOBLOCK, copy=payload is None
-                )
+            self._dealers.send(endpoint, server_key, frames, copy=payload is None)
         except zmq.Again:
             # A stalled peer whose queue is full: the round will time out on it anyway.
             log.warning("send queue to %s is full; message %s dropped", endpoint, header["t"])
@@ -200,8 +181,12 @@ class Transport:
         deadline = time.monotonic() + max(timeout_s, 0.0)
         while True:
             remaining = deadline - time.monotonic()
+            if self._dealers.service():  # a link waits for its handshake: look again soon
+                remaining = min(remaining, REDIAL_S)
             if not self._poller.poll(max(int(remaining * 1000), 0)):
-                return None
+                if time.monotonic() >= deadline:
+                    return None
+                continue
             env = self._read_one()
             if env is not None:
                 return env
@@ -237,44 +222,10 @@ class Transport:
         log.warning("dropped malformed frame: %s", why)
         return None
 
-    def _dealer(self, endpoint: str, server_key: str, fresh: bool = False) -> zmq.Socket:
-        k = (endpoint, server_key)
-        s = self._dealers.get(k)
-        # A DEALER that cannot take a message has lost its only pipe (the remote refused our
-        # key) or is full: replace it (the module doc says why libzmq never redials it).
-        if s is not None and (fresh or not s.get(zmq.EVENTS) & zmq.POLLOUT):
-            del self._dealers[k]
-            s.close(0)
-            s = None
-        if s is not None:
-            self._dealers.move_to_end(k)
-            return s
-        assert self._ctx is not None, "transport not started"
-        s = self._ctx.socket(zmq.DEALER)
-        s.curve_serverkey = server_key.encode()
-        s.curve_publickey, s.curve_secretkey = self._pub, self._sec
-        s.linger = 0  # never block shutdown on a dead peer's queue
-        # zmq heartbeats: a connection silenced by a partition is detected and redialled in
-        # about a second after the network heals, instead of at TCP's next retransmission
-        # (which backs off to minutes).
-        s.setsockopt(zmq.HEARTBEAT_IVL, 1000)
-        s.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3000)
-        s.setsockopt(zmq.CONNECT_TIMEOUT, 1000)
-        s.connect(endpoint)
-        self._dealers[k] = s
-        while len(self._dealers) > MAX_DEALERS:
-            _, old = self._dealers.popitem(last=False)
-            old.close(0)
-        return s
-
     def close(self) -> None:
         if self._ctx is None:
             return
-        for s in self._dealers.values():
-            # Brief linger: a vote (DONE) sent just before shutdown should still leave, but a
-            # dead peer's queue must not hold shutdown up.
-            s.close(linger=1000)
-        self._dealers.clear()
+        self._dealers.close()
         self._router.close(0)
         self._auth.stop()
         self._ctx.term()
