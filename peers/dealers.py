@@ -14,8 +14,8 @@ connection; once a handshake succeeds they are known delivered and the monitor g
 newcomer's JOIN thus reaches a leader within about a heartbeat of that leader reading the
 newcomer's record, instead of after the follower's reply timeout. Payload frames (shards)
 are never replayed: a round that lost one aborts and retries anyway. A connection that is
-refused later (after a success) is caught when a send finds it unwritable: it is replaced,
-without replay.
+refused later (after a success) shows as a full queue (EAGAIN): that send is lost, and the
+next one dials a new connection, monitored again.
 
 All of it runs on the thread that owns the transport (the caller of send/recv).
 """
@@ -58,10 +58,6 @@ class Dealers:
         """Queue frames for a peer without blocking; zmq.Again if its queue is full."""
         k = (endpoint, server_key)
         link = self._links.get(k)
-        if link is not None and link.monitor is None and not _writable(link.sock):
-            # Refused after an earlier success, or full: start over on a new connection.
-            self._drop(k)
-            link = None
         if link is None:
             link = self._dial(k)
         else:
@@ -73,11 +69,14 @@ class Dealers:
         try:
             link.sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=copy)
         except zmq.Again:
-            if link.monitor is None:
-                raise
-            self._read_events(k, link, time.monotonic())
-            if link.redial_at is None:
-                raise  # not a refusal: a full queue
+            if link.monitor is not None:
+                self._read_events(k, link, time.monotonic())
+                if link.redial_at is not None:
+                    return  # refused: the next redial carries it
+            # A stalled peer's full queue, or a connection refused after an earlier success
+            # (libzmq dropped its pipe): either way the next send starts a new connection.
+            self._drop(k)
+            raise
 
     def service(self) -> bool:
         """Read handshake events, redial refused links. True while some link awaits its
@@ -155,10 +154,6 @@ class Dealers:
         link = self._links.pop(k, None)
         if link is not None:
             _close(link, linger=0)
-
-
-def _writable(s: zmq.Socket) -> bool:
-    return bool(s.get(zmq.EVENTS) & zmq.POLLOUT)
 
 
 def _close(link: _Link, linger: int) -> None:
