@@ -106,7 +106,31 @@ def global_from(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Any:
         raise CheckpointError(f"theta_g has {theta.numel()} elements; architecture needs {n}")
     if not torch.isfinite(theta).all():
         raise CheckpointError("theta_g contains NaN or Inf")
+    buf = outer.buf
+    if buf is not None and (buf.shape != theta.shape or not torch.isfinite(buf).all()):
+        # Served by another peer: a momentum of the wrong shape or with NaN would poison
+        # every later outer step of ours without changing θ_g's hash now.
+        raise CheckpointError(
+            f"outer momentum has shape {tuple(buf.shape)} (θ_g: {tuple(theta.shape)}) "
+            "or is not finite"
+        )
     return g
+
+
+def max_state_bytes(cfg: Any) -> int:
+    """An upper bound on a state blob for this run: θ_g and outer momentum in fp32 at the
+    largest architecture growth can reach, plus room for the header. A joiner takes its
+    download limit from its own config, never from what the server says."""
+    import dataclasses as dc
+
+    top = dc.replace(
+        cfg,
+        n_experts=cfg.max_experts,
+        top_k=min(cfg.max_experts, cfg.top_k * (cfg.max_experts // cfg.n_experts)),
+        n_layers=cfg.max_layers,
+    )
+    n = sum(p.numel() for p in _shapes(top))
+    return 2 * 4 * n + (16 << 20)
 
 
 def _shapes(cfg: Any) -> list[torch.Tensor]:

@@ -2,7 +2,8 @@
 
 Every field is validated when the object is built, so a bad value fails at start-up
 with a message naming the field, not deep inside training. One TOML file describes a
-run: [model], [inner], [outer], [data] for training, [swarm] for how a peer joins.
+run: [model], [inner], [outer], [data] for training, [robust] for how a round combines
+contributions (peers/robust.py owns that section), [swarm] for how a peer joins.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from diloco_grow.model import PRESETS, ModelConfig, model_config_from_dict
 from peers.config import RUN_RE, SwarmConfig
+from peers.robust import RobustConfig
 
 if TYPE_CHECKING:
     from diloco_grow.peer import PeerOptions
@@ -271,6 +273,7 @@ class RunConfig:
     inner: InnerConfig = field(default_factory=InnerConfig)
     outer: OuterConfig = field(default_factory=OuterConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    robust: RobustConfig = field(default_factory=RobustConfig)
     swarm: SwarmSection = field(default_factory=SwarmSection)
     seed: int = 0
 
@@ -292,6 +295,7 @@ _SECTIONS = {
     "inner": InnerConfig,
     "outer": OuterConfig,
     "data": DataConfig,
+    "robust": RobustConfig,
     "swarm": SwarmSection,
 }
 
@@ -304,6 +308,8 @@ def _section(cls: type, values: dict[str, Any], where: str) -> Any:
         return cls(**values)
     except TypeError as e:  # e.g. a string where a number belongs
         raise ConfigError(f"bad value in [{where}]: {e}") from None
+    except ValueError as e:  # [robust] is validated by peers/robust.py, in its own words
+        raise ConfigError(str(e)) from None
 
 
 def config_from_dict(d: dict[str, Any]) -> RunConfig:

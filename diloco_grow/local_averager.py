@@ -5,39 +5,55 @@ reduce-scatter; each shard's mean is the weighted fp32 mean of the decoded
 contributions, encoded once and decoded by everybody. Byte counters count the frames a
 worker would put on the wire (its shards for the other reducers, plus its reduced shard
 for every other member), so simulated and networked runs report comparable traffic.
+
+Each shard is combined by `peers.robust.aggregate`, the function a swarm reducer runs, so
+`simulate` and the swarm share one arithmetic (robust by default; `[robust] enabled =
+false` is the plain weighted mean).
 """
 
 from __future__ import annotations
 
 import time
 
-import torch
-
-from compression.codec import Encoded, concat, shard_bounds
+from compression.codec import Codec, Encoded, concat, shard_bounds
 from compression.wire import pack
 from diloco_grow.outer import RoundResult, make_codec
+from peers.robust import Aggregate, RobustConfig, aggregate
 
 
 def weighted_mean_encoded(
-    shards: list[Encoded], weights: list[float], codec_name: str, block_size: int
+    shards: list[Encoded],
+    weights: list[float],
+    codec_name: str,
+    block_size: int,
+    robust: RobustConfig = RobustConfig(),
 ) -> Encoded:
-    """Decode every contribution to fp32, take the weighted mean, encode it once."""
-    codec = make_codec(codec_name, block_size)
-    total = float(sum(weights))
-    acc = torch.zeros(shards[0].numel, dtype=torch.float32)
-    for enc, w in zip(shards, weights, strict=True):
-        # All-zero weights (only just-synced members): a plain mean, as the swarm does.
-        acc.add_(codec.decode(enc).reshape(-1), alpha=w / total if total > 0 else 1 / len(shards))
-    return codec.encode(acc)
+    """Decode every contribution to fp32, combine them (robustly unless disabled), encode
+    the result once."""
+    return _reduce(shards, weights, make_codec(codec_name, block_size), robust)[0]
+
+
+def _reduce(
+    shards: list[Encoded], weights: list[float], codec: Codec, robust: RobustConfig
+) -> tuple[Encoded, Aggregate]:
+    parts = [codec.decode(enc).reshape(-1) for enc in shards]
+    agg = aggregate(parts, weights, robust)
+    return codec.encode(agg.mean), agg
 
 
 class LocalAverager:
     """All workers live in this process; `average` receives every contribution at once."""
 
-    def __init__(self, codec_name: str, block_size: int) -> None:
-        self.codec_name, self.block_size = codec_name, block_size
+    def __init__(
+        self, codec_name: str, block_size: int, robust: RobustConfig = RobustConfig()
+    ) -> None:
+        self.codec_name, self.block_size, self.robust = codec_name, block_size, robust
         self.codec = make_codec(codec_name, block_size)
         self.bytes_sent_total = 0  # per worker, cumulative
+        # The last round's robust verdicts, over all shards: worker -> first reason, and
+        # the workers clipped in some shard (simulate logs them per round).
+        self.rejected: dict[int, str] = {}
+        self.clipped: set[int] = set()
 
     def average(
         self,
@@ -56,9 +72,13 @@ class LocalAverager:
             raise ValueError("contributions have different lengths")
         bounds = shard_bounds(numel, encs[0].align, n)  # as the swarm cuts it
         mean_shards, sent = [], [0] * n
+        self.rejected, self.clipped = {}, set()
         for r, (lo, hi) in enumerate(bounds):  # r: the reducer of this shard
             parts = [e.slice(lo, hi) for e in encs]
-            mean = weighted_mean_encoded(parts, weights, self.codec_name, self.block_size)
+            mean, agg = _reduce(parts, weights, self.codec, self.robust)
+            for k, why in agg.rejected:
+                self.rejected.setdefault(k, why)
+            self.clipped.update(agg.clipped)
             mean_shards.append(mean)
             if n > 1 and hi > lo:
                 for w in range(n):

@@ -28,7 +28,7 @@ import torch
 from diloco_grow import checkpoint as ckpt
 from diloco_grow.config import RunConfig
 from diloco_grow.data import load_corpus, val_set
-from diloco_grow.growth import GrowthEvent, growth_line
+from diloco_grow.growth import GrowthEvent, grow_config, growth_line
 from diloco_grow.loop import RoundOutcome, outer_round
 from diloco_grow.metrics import MetricsWriter
 from diloco_grow.net_averager import NetworkAverager
@@ -107,6 +107,7 @@ class PeerApp:
         self.corpus = load_corpus(cfg.data.path, cfg.data.val_fraction)
         self.val = val_set(self.corpus, cfg)
         self.late = False  # this phase started from downloaded state (pacing.py)
+        self._served: tuple | None = None  # (state key, info, blob): _provide_state's cache
         self.stats: dict[str, Any] = {
             "loss": None,
             "val_loss": None,
@@ -130,10 +131,19 @@ class PeerApp:
         state_ep = self.state_server.endpoint
         if o.announce_host:
             state_ep = f"tcp://{o.announce_host}:{state_ep.rsplit(':', 1)[1]}"
+        # The reducers combine contributions as the run's [robust] section says, the same
+        # aggregator simulate uses.
+        net = dataclasses.replace(o.swarm_config(), robust=self.cfg.robust)
+        if "max_frame_bytes" not in o.extra_swarm:
+            # The largest frame this run can produce: all of θ_g in fp32 (a shard is at
+            # most the whole vector) at the largest architecture growth can reach.
+            whole = (ckpt.max_state_bytes(self.cfg.model) - (16 << 20)) // 2 + (1 << 20)
+            net = dataclasses.replace(net, max_frame_bytes=min(net.max_frame_bytes, whole))
         self.swarm = Swarm(
-            o.swarm_config(),
+            net,
             state_endpoint=state_ep,
             state_curve_key=self.state_server.public_key,
+            vote_check=self._check_vote,
         )
         self.g = self._local_state()
         self.swarm.set_state(self.g.arch_epoch, self.g.step, self.g.hash(), 0)
@@ -264,7 +274,8 @@ class PeerApp:
                     return  # the swarm came back to us
                 source = None if v.source is None else v.source.public()
             if source is not None:
-                got = fetch_state(holders(source, self.swarm.list_peers(), self.swarm.peer_id))
+                peers = self.swarm.list_peers()
+                got = fetch_state(holders(source, peers, self.swarm.peer_id), self.cfg.model)
             if got is None:
                 source = None  # it moved on (or died): ask the swarm again
                 time.sleep(self.opts.heartbeat_s)
@@ -349,14 +360,25 @@ class PeerApp:
     # --- serving others -------------------------------------------------------------
     def _provide_state(self) -> tuple[dict, bytes]:
         """Runs on the state server's thread, only when a joiner asks: serialising θ_g
-        under the lock gives it a consistent copy without costing every round a copy."""
+        under the lock gives it a consistent copy without costing every round a copy.
+        The blob is cached per state, so a stream of META requests costs one
+        serialisation per outer step, not one each (and holds the lock only once)."""
         with self.lock:
             g = getattr(self, "g", None)
             if g is None:
                 raise RuntimeError("this peer is still starting and has no state to serve yet")
-            tensors, meta = ckpt.global_tensors_meta(g)
-            info = {"step": g.step, "arch_epoch": g.arch_epoch, "params_hash": g.hash()}
-            return info, ckpt.pack_state(tensors, meta)
+            key = (id(g), g.step, g.arch_epoch)
+            if self._served is None or self._served[0] != key:
+                tensors, meta = ckpt.global_tensors_meta(g)
+                info = {"step": g.step, "arch_epoch": g.arch_epoch, "params_hash": g.hash()}
+                self._served = (key, info, ckpt.pack_state(tensors, meta))
+            return self._served[1], self._served[2]
+
+    def _check_vote(self, vote: dict) -> None:
+        """Raise ValueError unless `vote` is a growth event our current model can take:
+        checked before a vote counts, so a garbage or oversized vote can neither crash
+        nor grow anyone (peers/swarm.py)."""
+        grow_config(self.g.model_cfg, GrowthEvent.from_dict(vote))
 
     def _status(self) -> dict[str, Any]:
         return {

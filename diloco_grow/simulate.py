@@ -2,6 +2,8 @@
 
 The loop below is the whole algorithm; the round itself is `loop.outer_round`, which the
 networked peer (peer.py) calls too, with a network Averager instead of LocalAverager.
+Rounds combine contributions as `cfg.robust` says (peers/robust.py, as a swarm reducer
+does); `SimSpec.byzantine` makes the last f workers attackers (diloco_grow/byzantine.py).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 from tqdm import tqdm
 
 from diloco_grow import checkpoint as ckpt
+from diloco_grow.byzantine import ByzantineWorker, check_byzantine
 from diloco_grow.config import RunConfig
 from diloco_grow.data import BatchStream, Corpus, load_corpus, val_set
 from diloco_grow.growth import GrowthEvent, growth_line
@@ -39,6 +42,11 @@ class SimSpec:
     stop_after: int | None = None  # end this process early (checkpointed), as if interrupted
     device: str = "cpu"
     extra: dict[str, Any] = field(default_factory=dict)
+    # (f, kind): the last f workers send poisoned contributions (research; see byzantine.py)
+    byzantine: tuple[int, str] | None = None
+
+    def __post_init__(self) -> None:
+        check_byzantine(self.byzantine, self.workers)
 
 
 def simulate(cfg: RunConfig, spec: SimSpec, corpus: Corpus | None = None) -> dict[str, Any]:
@@ -57,14 +65,18 @@ def simulate(cfg: RunConfig, spec: SimSpec, corpus: Corpus | None = None) -> dic
         tensors, meta = ckpt.read_checkpoint(ckpt_path)
         g = ckpt.global_from(tensors, meta)
         totals = meta["extra"]["totals"]
+    n_bad, kind = spec.byzantine or (0, "")
+    common = {"n_workers": M, "total_inner_steps": S * H, "device": spec.device}
     workers = [
-        Worker(cfg, g, corpus, worker=w, n_workers=M, total_inner_steps=S * H, device=spec.device)
+        Worker(cfg, g, corpus, worker=w, **common)
+        if w < M - n_bad
+        else ByzantineWorker(cfg, g, corpus, worker=w, kind=kind, **common)
         for w in range(M)
     ]
     if tensors is not None:
         ckpt.restore_workers(workers, tensors, meta)
         kept = [r for r in read_jsonl(out / "metrics.jsonl") if r.get("step", 0) <= g.step]
-    averager = LocalAverager(cfg.outer.compression, cfg.outer.block_size)
+    averager = LocalAverager(cfg.outer.compression, cfg.outer.block_size, cfg.robust)
     metrics = MetricsWriter(out / "metrics.jsonl")
     if tensors is not None:
         for r in kept:
@@ -117,6 +129,10 @@ def simulate(cfg: RunConfig, spec: SimSpec, corpus: Corpus | None = None) -> dic
             "arch_epoch": g.arch_epoch,
             "params_hash": g.hash(),
             "members": M,
+            "average_s": round(out.result.seconds, 6),
+            # which workers the robust aggregation rejected or clipped (in any shard)
+            "rejected": sorted(averager.rejected),
+            "clipped": sorted(averager.clipped),
         }
         metrics.write(record)
         bar.update(1)
@@ -134,6 +150,8 @@ def simulate(cfg: RunConfig, spec: SimSpec, corpus: Corpus | None = None) -> dic
         "workers": M,
         "compression": cfg.outer.compression,
         "inner_steps": H,
+        "robust": cfg.robust.enabled,
+        "byzantine": list(spec.byzantine) if spec.byzantine else None,
     }
 
 

@@ -8,15 +8,27 @@ that θ_g: a server cannot hand us another state than the one the majority signe
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 from diloco_grow import checkpoint as ckpt
+from diloco_grow.model_config import ModelConfig
 from diloco_grow.worker import GlobalState
 from peers.state_transfer import StateTransferError, download_state
 
 log = logging.getLogger("diloco_grow.state_sync")
 
-MAX_STATE_BYTES = 8 << 30
+GROWN_FIELDS = ("n_experts", "top_k", "n_layers")  # what growth events change
+
+
+def check_arch(ours: ModelConfig, theirs: ModelConfig) -> None:
+    """A downloaded state must be our run's model, possibly grown within our limits."""
+    for f in dataclasses.fields(ours):
+        if f.name not in GROWN_FIELDS and getattr(ours, f.name) != getattr(theirs, f.name):
+            raise ckpt.CheckpointError(
+                f"served model has {f.name}={getattr(theirs, f.name)!r}, this run "
+                f"{getattr(ours, f.name)!r}: not our run's model"
+            )
 
 
 def holders(source: dict, peers: list[dict], me: str) -> list[dict]:
@@ -31,8 +43,11 @@ def holders(source: dict, peers: list[dict], me: str) -> list[dict]:
     return [source, *same]
 
 
-def fetch_state(candidates: list[dict], timeout: float = 60.0) -> tuple[GlobalState, dict] | None:
-    """The first candidate's state whose θ_g hashes to the claimed `params_hash`."""
+def fetch_state(
+    candidates: list[dict], model: ModelConfig, timeout: float = 60.0
+) -> tuple[GlobalState, dict] | None:
+    """The first candidate's state whose θ_g hashes to the claimed `params_hash` (the state
+    the majority line confirmed: lineage.target) and whose architecture is our run's."""
     for p in candidates:
         if not p.get("state_endpoint"):
             continue
@@ -41,9 +56,10 @@ def fetch_state(candidates: list[dict], timeout: float = 60.0) -> tuple[GlobalSt
                 p["state_endpoint"],
                 p.get("state_curve_key"),
                 timeout=timeout,
-                max_bytes=MAX_STATE_BYTES,
+                max_bytes=ckpt.max_state_bytes(model),
             )
             g = ckpt.global_from(*ckpt.unpack_state(blob))
+            check_arch(model, g.model_cfg)
         except (StateTransferError, ckpt.CheckpointError) as e:
             log.warning("state download from %s failed: %s", p.get("peer_id"), e)
             continue

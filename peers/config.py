@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from peers.admission import Admission, Certificate, owner_public_key
+from peers.records import MAX_MEMBERS
+from peers.robust import RobustConfig
 
 RUN_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 
@@ -39,6 +41,13 @@ class SwarmConfig:
     # (then hivemind drops it), so it must stay below a heartbeat or two; 0 = 1.5 beats,
     # clamped to [0.5, 3] s (3 s is hivemind's default).
     dht_rpc_timeout_s: float = 0.0
+    # Untrusted members (blame.py, robust.py): the largest group a leader forms, the
+    # reducers' robust aggregation, and when a repeat offender is banned (strikes at
+    # distinct steps, then for how many outer steps).
+    max_group: int = 256
+    robust: RobustConfig = field(default_factory=RobustConfig)
+    ban_after: int = 3
+    ban_steps: int = 100
     # Identity and admission (identity.py, admission.py). identity_key: the RSA key file
     # that fixes our peer id across restarts (created if missing); None = a fresh key and
     # id per start. owner_key: the run owner's Ed25519 public key (hex) from the run file;
@@ -64,6 +73,10 @@ class SwarmConfig:
             raise ValueError(f"min_peers must be >= 1, got {self.min_peers}")
         if not 0 < self.quorum <= 1:
             raise ValueError(f"quorum must be in (0, 1], got {self.quorum}")
+        if not 2 <= self.max_group <= MAX_MEMBERS:
+            raise ValueError(f"max_group must be in [2, {MAX_MEMBERS}], got {self.max_group}")
+        if self.ban_after < 1 or self.ban_steps < 0:
+            raise ValueError("ban_after must be >= 1 and ban_steps >= 0")
         if self.max_frame_bytes < 1024:
             raise ValueError("max_frame_bytes must be >= 1024")
         if self.owner_key is not None:

@@ -68,3 +68,17 @@ def leader_rank(run: str, epoch: int, step: int, attempt: int, peer_id: str) -> 
     ground to win every round, and a leader that stalls an attempt is unlikely to lead
     the retry."""
     return hashlib.sha256(f"{run}|{epoch}|{step}|{attempt}|{peer_id}".encode()).digest()
+
+
+# How far ahead of our own attempt (or the announcers' median, whichever is higher) an
+# attempt number may be and still count. Honest attempts grow by one per failed try; a
+# record at attempt 2^20 is an attack (everyone would jump past the schema's limit, then
+# see only themselves) and is ignored, not followed.
+MAX_ATTEMPT_LEAP = 8
+
+
+def attempt_ceiling(mine: int, attempts: Sequence[int]) -> int:
+    """The highest attempt number we accept from others while at attempt `mine`."""
+    ordered = sorted(attempts)
+    median = ordered[(len(ordered) - 1) // 2] if ordered else mine
+    return max(mine, median) + MAX_ATTEMPT_LEAP

@@ -32,7 +32,10 @@ from zmq.utils.monitor import parse_monitor_message
 
 log = logging.getLogger(__name__)
 
-MAX_DEALERS = 256  # cached outgoing connections; the oldest is closed beyond this
+# Cached outgoing connections; the least recently used is closed beyond this. Above the
+# largest group (records.MAX_MEMBERS), so a round never closes a member's connection.
+MAX_DEALERS = 1100
+EVICT_LINGER_MS = 2000  # an evicted connection still delivers what it has queued
 REDIAL_S = 0.5  # a refused link is dialled again this often...
 REDIAL_FOR_S = 30.0  # ...for this long after its first refusal, then given up
 MAX_REPLAY = 16  # control messages kept per link until its handshake succeeds
@@ -147,7 +150,7 @@ class Dealers:
         link = self._links[k] = _Link(s, monitor)
         while len(self._links) > MAX_DEALERS:
             _, oldest = self._links.popitem(last=False)
-            _close(oldest, linger=0)
+            _close(oldest, linger=EVICT_LINGER_MS)  # non-blocking: zmq's reaper sends the rest
         return link
 
     def _drop(self, k: tuple[str, str]) -> None:

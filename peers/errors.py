@@ -29,9 +29,10 @@ class RoundFailed(Exception):
 class RoundAborted(Exception):
     """Internal: this attempt is over without being applied; survivors retry at next_attempt."""
 
-    def __init__(self, reason: str, next_attempt: int) -> None:
+    def __init__(self, reason: str, next_attempt: int, culprits: tuple[str, ...] = ()) -> None:
         super().__init__(reason)
         self.next_attempt = next_attempt
+        self.culprits = culprits  # who caused it, if we know (blame.py)
 
 
 class Malformed(ValueError):

@@ -110,14 +110,40 @@ class Verdict:
     reason: str
 
 
+def target(branch: Branch, records: list[PeerRecord]) -> PeerRecord:
+    """The state of `branch` that the swarm has confirmed: its most advanced state that at
+    least half of the line's signed holders (peers whose state a round produced) hold or
+    have passed through, and at least two peers, unless the line has only one or two.
+
+    One record claiming to be far ahead (step 10^15, on a copy of our lineage) is the tip
+    of our line but confirms nothing: following the tip would hand the swarm's state to
+    whoever claims the highest step. Half, not a strict majority, so that two peers that
+    committed a round while two slower ones did not still lead the way."""
+    line = [r for r in records if compatible(r, branch.tip)]
+    signed = [r for r in line if _members(r) > 0]
+    for c in sorted(line, key=lambda r: (-r.arch_epoch, -r.step, r.params_hash)):
+        holders = [r for r in line if history(r).get(c.step) == c.params_hash]
+        if len(holders) < 2 and len(line) > 2:
+            continue
+        confirmed = sum(_members(r) > 0 for r in holders)
+        if 2 * confirmed >= len(signed):
+            return c
+    return branch.tip  # unreachable: the least advanced state is held by the whole line
+
+
 def verdict(me: PeerRecord, records: list[PeerRecord]) -> Verdict:
-    """Should `me` keep its θ_g, or adopt the majority line's tip? (`records`: live peers.)"""
+    """Should `me` keep its θ_g, or adopt the state its swarm's majority line confirmed?
+    (`records`: live peers.)"""
     # A peer still starting (no set_state yet: empty lineage) holds no state to vote for.
     recs = [r for r in records if r.peer_id != me.peer_id and r.lineage] + [me]
     best = branches(recs)[0]
-    tip = best.tip
+    tip = target(best, recs)
     if me.claim == tip.claim:
         return Verdict(True, None, "we hold the majority line's latest state")
+    if compatible(me, tip) and (me.arch_epoch, me.step) > (tip.arch_epoch, tip.step):
+        # Ahead of what the swarm confirmed (we committed a round the others have not yet
+        # caught up with, or they have not confirmed): keep it, the next round settles it.
+        return Verdict(True, None, "ahead of the majority line's confirmed state")
     # Prefer the tip itself as the source; any holder of its exact state will do.
     holders = [r for r in recs if r.claim == tip.claim and r.peer_id != me.peer_id]
     source = next((r for r in holders if r.state_endpoint), holders[0] if holders else None)

@@ -16,6 +16,7 @@ from collections import deque
 from collections.abc import Callable
 
 from compression.wire import WireLimits
+from peers.consensus import MAX_ATTEMPT_LEAP
 from peers.errors import Malformed, RoundFailed
 from peers.messages import Msg, header, parse
 from peers.transport import Transport
@@ -48,6 +49,8 @@ class Mailbox:
 
     def _relevant(self, m: Msg) -> bool:
         epoch, step, attempt = self.scope
+        if m.attempt > attempt + MAX_ATTEMPT_LEAP and (m.epoch, m.step) == (epoch, step):
+            return False  # an attempt bomb (consensus.attempt_ceiling): never worth keeping
         if (m.epoch, m.step) != (epoch, step):
             return (m.epoch, m.step) > (epoch, step)
         # Traffic of an earlier attempt is dead; only a stale JOIN still deserves a RETRY.

@@ -25,14 +25,15 @@ import time
 from collections.abc import Callable
 from typing import NoReturn
 
+from peers.blame import Blame, Offence
 from peers.config import SwarmConfig
-from peers.consensus import leader_rank, vote_hash
+from peers.consensus import MAX_ATTEMPT_LEAP, attempt_ceiling, leader_rank, vote_hash
 from peers.dht import SwarmDHT
-from peers.errors import NeedResync, RoundAborted, RoundFailed
+from peers.errors import RoundAborted, RoundFailed
 from peers.group import Group, RoundRequest
 from peers.leader import Leader
 from peers.mailbox import Mailbox
-from peers.messages import Member, Msg
+from peers.messages import MAX_CULPRITS, Member, Msg
 from peers.progress import SwarmView, at_step, finishing, finishing_deadline, wait_deadline
 from peers.records import Announcement
 
@@ -49,11 +50,25 @@ class Matchmaker:
         me: Member,
         view: SwarmView,
         check_state: Callable[[bool], None],
+        blame: Blame,
+        vote_ok: Callable[[dict | None], bool],
     ) -> None:
         self.cfg, self.dht, self.mb, self.me, self.view = cfg, dht, mb, me, view
         # check_state(fresh) raises NeedResync when the majority line has left our state.
         self.check_state = check_state
-        self.leader = Leader(cfg, mb, view, me)
+        self.blame, self.vote_ok = blame, vote_ok
+        self.leader = Leader(cfg, mb, view, me, blame, vote_ok, self.announcements, check_state)
+
+    def announcements(
+        self, req: RoundRequest, mine: Announcement | None = None
+    ) -> dict[str, Announcement]:
+        """The announcements that count for our step: not from peers sitting it out
+        (blame.py), not at an attempt far beyond ours or the swarm's (an attempt bomb)."""
+        anns = self.view.announcements(req.epoch, req.step, mine)
+        out = self.blame.sitting_out(req.epoch, req.step)
+        anns = {pid: a for pid, a in anns.items() if pid not in out}
+        ceiling = attempt_ceiling(self.mb.scope[2], [a.attempt for a in anns.values()])
+        return {pid: a for pid, a in anns.items() if a.attempt <= ceiling}
 
     def rank(self, req: RoundRequest, attempt: int, peer_id: str) -> bytes:
         return leader_rank(self.cfg.run, req.epoch, req.step, attempt, peer_id)
@@ -87,7 +102,7 @@ class Matchmaker:
             wait=False,
         )
         anns, complete = self._gather(req, ann, deadline, ready_at)
-        top = max(a.attempt for a in anns.values())
+        top = max(a.attempt for a in anns.values())  # bounded by announcements()
         if top > attempt:
             raise RoundAborted(f"others are at attempt {top}", next_attempt=top)
         ours = [pid for pid, a in anns.items() if a.attempt == attempt]
@@ -110,7 +125,7 @@ class Matchmaker:
         Returns them and whether every live peer of our step announced (`complete`)."""
         poll = min(0.1, self.cfg.heartbeat_s / 4)
         while True:
-            anns = self.view.announcements(req.epoch, req.step, ann)
+            anns = self.announcements(req, ann)
             present = {pid for pid, a in anns.items() if a.attempt >= ann.attempt}
             now = time.time()
             live = self.view.live(fresh=True)
@@ -143,11 +158,37 @@ class Matchmaker:
             self._send_join(target, ann)
             msg = self._await_reply(req, target, deadline)
             if msg.kind == "BEGIN":
-                return self._accept_begin(msg, req, ann, target)
+                try:
+                    return self._accept_begin(msg, req, ann, target)
+                except RoundAborted as e:
+                    # Tell the members at once, so they do not wait a phase timeout for our
+                    # PART (and blame us for withholding it).
+                    for m in msg.body["members"]:
+                        if m.peer_id != self.me.peer_id:
+                            self.mb.send(
+                                m.endpoint,
+                                m.curve_key,
+                                "ABORT",
+                                rid=msg.body["rid"],
+                                reason=f"refused BEGIN: {e}"[:500],
+                                culprits=list(e.culprits),
+                            )
+                    raise
             if msg.kind == "REDIRECT":
                 new = msg.body["leader"]
                 if self.rank(req, attempt, new.peer_id) >= self.rank(req, attempt, target.peer_id):
                     raise RoundAborted("redirect loop", next_attempt=attempt + 1)
+                # Only to a peer that announced this attempt, at its announced address.
+                a = self.announcements(req, ann).get(new.peer_id)
+                if a is None or (a.attempt, a.endpoint, a.curve_key) != (
+                    attempt,
+                    new.endpoint,
+                    new.curve_key,
+                ):
+                    raise RoundAborted(
+                        f"redirected to {new.peer_id}, who did not announce this attempt",
+                        next_attempt=attempt + 1,
+                    )
                 target = new
                 continue
             if msg.kind == "RETRY":
@@ -155,11 +196,7 @@ class Matchmaker:
                     "leader asked to retry", next_attempt=max(msg.attempt, attempt + 1)
                 )
             if msg.kind == "RESYNC":
-                raise NeedResync(
-                    f"group θ_g hash {msg.body['params_hash']} differs from ours "
-                    f"({msg.body['reason']})",
-                    self.view.public_of(target.peer_id),
-                )
+                self._doubt(req, target, f"RESYNC to θ_g {msg.body['params_hash']}")
             if msg.kind == "REJECT":
                 raise RoundFailed(f"leader {target.peer_id} rejected us: {msg.body['reason']}")
             self.await_outcome(req, attempt, deadline)  # FORMED: a round runs without us
@@ -191,47 +228,116 @@ class Matchmaker:
                 return msg
 
     def _is_reply(self, m: Msg, target: Member, req: RoundRequest) -> bool:
-        # Replies echo our attempt; a RETRY names a later one. Anything else is stale.
+        # Replies echo our attempt; a RETRY names a later one (but not an attempt bomb).
         mine = self.mb.scope[2]
         return (
             m.kind in REPLY_KINDS
             and m.sender_key == target.curve_key
             and (m.epoch, m.step) == (req.epoch, req.step)
-            and (m.attempt > mine if m.kind == "RETRY" else m.attempt == mine)
+            and (
+                mine < m.attempt <= mine + MAX_ATTEMPT_LEAP
+                if m.kind == "RETRY"
+                else m.attempt == mine
+            )
+        )
+
+    def _doubt(self, req: RoundRequest, leader: Member, what: str) -> NoReturn:
+        """The leader says our θ_g is not the group's. If the swarm's majority line (our
+        own reading of the signed records) agrees, resync (check_state raises); if not, the
+        leader is wrong or lying: it sits out this step and we retry without it."""
+        self.check_state(True)
+        self.blame.offend(
+            Offence(
+                leader.peer_id,
+                req.epoch,
+                req.step,
+                f"{what} while we hold the majority line",
+                False,
+            )
+        )
+        raise RoundAborted(
+            f"leader {leader.peer_id} said {what}, but we hold the majority line's state",
+            next_attempt=self.mb.scope[2] + 1,
+            culprits=(leader.peer_id,),
         )
 
     def _accept_begin(
         self, msg: Msg, req: RoundRequest, ann: Announcement, leader: Member
     ) -> Group:
+        """Accept the leader's BEGIN only if every entry is a live peer's signed record (and
+        its announcement, where readable): a leader cannot invent members or change our
+        weight or vote, and describing the group differently to different members gets it
+        no commit (the DONE ballot covers the whole list)."""
         b = msg.body
-        mine = [m for m in b["members"] if m.peer_id == self.me.peer_id]
-        expect = (self.me.endpoint, self.me.curve_key, ann.weight, _vote_id(ann.vote))
-        if (
-            not mine
-            or (mine[0].endpoint, mine[0].curve_key, mine[0].weight, _vote_id(mine[0].vote))
-            != expect
-        ):
-            raise RoundAborted("BEGIN lists us wrongly", next_attempt=ann.attempt + 1)
+        attempt = ann.attempt
         if (b["numel"], b["codec"], b["block_size"]) != (req.numel, req.codec, req.block_size):
-            raise RoundAborted("BEGIN for another tensor layout", next_attempt=ann.attempt + 1)
+            raise RoundAborted("BEGIN for another tensor layout", next_attempt=attempt + 1)
         if b["params_hash"] != req.params_hash:
-            raise NeedResync(
-                f"group θ_g hash {b['params_hash']} differs from ours",
-                self.view.public_of(leader.peer_id),
-            )
-        if sum(m.weight for m in b["members"]) <= 0:
-            raise RoundAborted("BEGIN with total weight 0", next_attempt=ann.attempt + 1)
+            self._doubt(req, leader, f"BEGIN with θ_g {b['params_hash']}")
         lead = [m for m in b["members"] if m.peer_id == leader.peer_id]
-        if not lead:
-            raise RoundAborted("BEGIN without its leader", next_attempt=ann.attempt + 1)
+        if not lead or not any(m.peer_id == self.me.peer_id for m in b["members"]):
+            self._blame_leader(req, leader, "BEGIN without its leader or without us")
+        out = self.blame.sitting_out(req.epoch, req.step) & {m.peer_id for m in b["members"]}
+        if out:
+            # Our evidence against them is newer than the leader's view: retry without them.
+            raise RoundAborted(
+                f"BEGIN lists {sorted(out)}, who sit out",
+                next_attempt=attempt + 1,
+                culprits=tuple(sorted(out))[:MAX_CULPRITS],
+            )
+        mine = next(m for m in b["members"] if m.peer_id == self.me.peer_id)
+        if (mine.endpoint, mine.curve_key, mine.weight, _vote_id(mine.vote)) != (
+            self.me.endpoint,
+            self.me.curve_key,
+            ann.weight,
+            _vote_id(ann.vote),
+        ):
+            self._blame_leader(req, leader, "BEGIN lists us wrongly")
+        # Every other member must be a peer with that endpoint and key in its signed
+        # record (no invented members), and, where its announcement is readable already,
+        # with the weight and vote it announced. The DONE ballot covers the whole list, so
+        # a leader that describes the group differently to different members gets no commit.
+        # Liveness is not the question here (a record a beat stale under load still proves
+        # who the member is): the records as last read, then a fresh read for newcomers.
+        recs = {r.peer_id: r for r in self.view.records()}
+        if any(m.peer_id not in recs for m in b["members"]):
+            recs = {r.peer_id: r for r in self.view.refresh()}
+        anns = self.announcements(req, ann)
+        for m in b["members"]:
+            r, a = recs.get(m.peer_id), anns.get(m.peer_id)
+            if r is None or (r.endpoint, r.curve_key) != (m.endpoint, m.curve_key):
+                self._blame_leader(req, leader, f"BEGIN lists {m.peer_id}, who has no such record")
+            if (
+                a is not None
+                and a.attempt == attempt
+                and (a.weight, _vote_id(a.vote))
+                != (
+                    m.weight,
+                    _vote_id(m.vote),
+                )
+            ):
+                self._blame_leader(
+                    req, leader, f"BEGIN's entry for {m.peer_id} differs from its announcement"
+                )
+        if sum(m.weight for m in b["members"]) <= 0:
+            raise RoundAborted("BEGIN with total weight 0", next_attempt=attempt + 1)
         return Group(
             b["rid"],
             req.epoch,
             req.step,
-            ann.attempt,
+            attempt,
             lead[0],
             tuple(b["members"]),
             b["params_hash"],
+        )
+
+    def _blame_leader(self, req: RoundRequest, leader: Member, what: str) -> NoReturn:
+        # Checked against records it signed itself: our own evidence.
+        self.blame.offend(Offence(leader.peer_id, req.epoch, req.step, what, True))
+        raise RoundAborted(
+            f"leader {leader.peer_id}: {what}",
+            next_attempt=self.mb.scope[2] + 1,
+            culprits=(leader.peer_id,),
         )
 
     def await_outcome(self, req: RoundRequest, attempt: int, deadline: float) -> NoReturn:
@@ -240,13 +346,13 @@ class Matchmaker:
         # Its phase flags may not be visible yet, so "nobody busy" only counts once a whole
         # phase timeout has passed (by then that round has ended, one way or another).
         settle = time.monotonic() + self.cfg.phase_timeout_s
-        while time.monotonic() < deadline:
-            self.mb.pump(min(deadline, time.monotonic() + self.cfg.heartbeat_s / 2))
+        # A real round ends within round_timeout_s; records that claim a round runs for
+        # longer (a peer faking "data" phases to stall us) are not waited for past that.
+        give_up = min(deadline, time.monotonic() + self.cfg.round_timeout_s)
+        while time.monotonic() < give_up:
+            self.mb.pump(min(give_up, time.monotonic() + self.cfg.heartbeat_s / 2))
             self.check_state(True)
-            top = max(
-                (a.attempt for a in self.view.announcements(req.epoch, req.step).values()),
-                default=0,
-            )
+            top = max((a.attempt for a in self.announcements(req).values()), default=0)
             idle = time.monotonic() > settle and not self.leader.busy_without_us(
                 req, attempt, set()
             )
@@ -254,6 +360,11 @@ class Matchmaker:
                 raise RoundAborted(
                     "the other group finished or gave up", next_attempt=max(top, attempt + 1)
                 )
+        if time.monotonic() < deadline:
+            raise RoundAborted(
+                f"the round for our step without us did not end in {self.cfg.round_timeout_s}s",
+                next_attempt=attempt + 1,
+            )
         raise RoundFailed("a round for our step ran without us until the deadline")
 
     def _send_join(self, target: Member, ann: Announcement) -> None:

@@ -9,8 +9,9 @@ not from the header, so it cannot be forged without the sender's secret key.
 
 Matchmaking: JOIN (member -> leader), REDIRECT / RETRY / RESYNC / REJECT / FORMED (leader ->
 joiner), BEGIN (leader -> members). Round: PART (contribution to a shard's reducer), REDUCED
-(reducer -> all), DONE (member -> all, with a digest of all reduced bytes: the vote that
-commits the round once every member cast it), ABORT (anyone -> all, before voting).
+(reducer -> all, naming the contributions it rejected), DONE (member -> all, with a digest
+of the group as BEGIN described it and of every reduced shard: the vote that commits the
+round once every member cast it), ABORT (anyone -> all, before voting, naming culprits).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from peers.schema import (
 MATCH_KINDS = frozenset({"JOIN", "REDIRECT", "RETRY", "RESYNC", "REJECT", "FORMED", "BEGIN"})
 ROUND_KINDS = frozenset({"PART", "REDUCED", "DONE", "ABORT"})
 PAYLOAD_KINDS = frozenset({"PART", "REDUCED"})
+MAX_CULPRITS = 16
 
 
 @dataclass(frozen=True)
@@ -183,12 +185,42 @@ def _shard(h: dict) -> dict:
     return {"rid": req_hex(h, "rid", 32), "shard": req_int(h, "shard", hi=MAX_MEMBERS)}
 
 
+def _reduced(h: dict) -> dict:
+    # The reducer names the contributions it rejected (robust.py): everyone learns who
+    # was left out, and the DONE digest covers it, so members agree on it too.
+    return {**_shard(h), "rejected": _int_list(h, "rejected", MAX_MEMBERS)}
+
+
 def _digest(h: dict) -> dict:
-    return {"rid": req_hex(h, "rid", 32), "digest": req_hex(h, "digest", 64)}
+    shards = h.get("shards")
+    if not isinstance(shards, list) or not 0 < len(shards) <= MAX_MEMBERS:
+        raise Malformed("DONE: shards must be a non-empty list of digests")
+    return {
+        "rid": req_hex(h, "rid", 32),
+        "digest": req_hex(h, "digest", 64),
+        # Which part differs when two votes differ: the group the leader described, or
+        # the bytes of one reducer's shard. That names the culprit (blame.py).
+        "group": req_hex(h, "group", 64),
+        "shards": [req_hex({"s": s}, "s", 64) for s in shards],
+    }
 
 
 def _abort(h: dict) -> dict:
-    return {"rid": req_hex(h, "rid", 32), **_reason(h)}
+    culprits = h.get("culprits", [])
+    if not isinstance(culprits, list) or len(culprits) > MAX_CULPRITS:
+        raise Malformed(f"ABORT: culprits must be a list of <= {MAX_CULPRITS} peer ids")
+    return {
+        "rid": req_hex(h, "rid", 32),
+        **_reason(h),
+        "culprits": [req_hex({"c": c}, "c", 64) for c in culprits],
+    }
+
+
+def _int_list(h: dict, key: str, max_len: int) -> list[int]:
+    v = h.get(key, [])
+    if not isinstance(v, list) or len(v) > max_len:
+        raise Malformed(f"field {key!r}: expected a list of <= {max_len} ints")
+    return [req_int({"i": x}, "i", hi=MAX_MEMBERS) for x in v]
 
 
 _BODY = {
@@ -200,7 +232,7 @@ _BODY = {
     "FORMED": lambda h: {},
     "BEGIN": _begin,
     "PART": _shard,
-    "REDUCED": _shard,
+    "REDUCED": _reduced,
     "DONE": _digest,
     "ABORT": _abort,
 }

@@ -101,10 +101,12 @@ class SwarmView:
         me: str,
         cfg: SwarmConfig,
         on_refresh: Callable[[list[PeerRecord]], None] | None = None,
+        hidden: Callable[[], set[str]] = set,
     ) -> None:
         self.dht, self.me, self.cfg = dht, me, cfg
         self.policy = cfg.admission
         self.on_refresh = on_refresh
+        self.hidden = hidden  # peers we ignore (banned: blame.py)
         self._records: list[PeerRecord] = []
         self._lock = threading.Lock()
         self._warned: set[tuple[str, str]] = set()
@@ -146,8 +148,8 @@ class SwarmView:
     def live(self, fresh: bool = False) -> list[PeerRecord]:
         """Live peers (ourselves included once our record is out), newest view."""
         recs = self.refresh() if fresh else self.records()
-        now = time.time()
-        return [r for r in recs if is_live(r, self.cfg, now)]
+        now, hidden = time.time(), self.hidden()
+        return [r for r in recs if is_live(r, self.cfg, now) and r.peer_id not in hidden]
 
     def public_of(self, peer_id: str) -> dict | None:
         """A peer's latest record as a plain dict (what NeedResync carries), or None."""
@@ -164,7 +166,8 @@ class SwarmView:
         if not self.policy.open:  # a peer we do not admit is not in any round of ours
             ids = {r.peer_id for r in self.records()}
             found = [a for a in found if a.peer_id in ids]
-        anns = {a.peer_id: a for a in found}
+        hidden = self.hidden()
+        anns = {a.peer_id: a for a in found if a.peer_id not in hidden}
         if mine is not None:
             anns[mine.peer_id] = mine  # our own write may not be readable yet
         return anns

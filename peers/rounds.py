@@ -3,13 +3,23 @@
 With P members sorted by peer id, the flat vector is cut into P block-aligned shards and
 member k reduces shard k:
 1. every member sends shard k of its own encoding to member k (PART);
-2. member k decodes the P contributions, takes the weight-weighted fp32 mean, encodes it
-   ONCE and sends those same bytes to everyone (REDUCED);
-3. every member decodes the same P reduced frames, so the result is bit-identical on all
-   members; it sends DONE with a sha256 of those frames to *every* member;
+2. member k decodes the P contributions and takes their robust weighted mean (robust.py:
+   invalid, non-finite and outlying contributions are left out, weights capped, the rest
+   clipped around a robust centre), encodes it ONCE and sends those same bytes to everyone
+   (REDUCED, naming the members it left out, who are blamed: blame.py);
+3. every member checks each reduced shard against its own part of it (finite, sane norm),
+   decodes the same P frames, so the result is bit-identical on all members, and sends
+   DONE to *every* member: a digest of the group as BEGIN described it (members, weights,
+   votes) and of every reduced shard;
 4. a member commits when it holds DONE from every member with its own digest. No leader
    decides, so no leader can commit after a follower gave up, and a stalled member cannot
    half-apply a round: the commit point is "all P votes cast", the same fact for everyone.
+   A leader that described the group differently to different members, or a reducer that
+   sent different bytes to different members, makes the votes differ: nobody commits, and
+   the differing part of the DONE names the culprit.
+
+Every abort names its culprits where it can (a missing or invalid frame we were owed);
+they sit out the retries of this step and are banned after repeated offences (blame.py).
 
 State machine of one member in one attempt (phases are published in its heartbeat record):
 
@@ -38,12 +48,16 @@ import torch
 
 from compression.codec import Codec, Encoded, get_codec, shard_bounds
 from compression.wire import pack
+from peers.blame import Blame, Offence
+from peers.consensus import vote_hash
 from peers.errors import Malformed, RoundAborted, RoundFailed
 from peers.group import Group
 from peers.mailbox import Mailbox
-from peers.messages import ROUND_KINDS, Member, Msg
+from peers.messages import MAX_CULPRITS, ROUND_KINDS, Member, Msg
 from peers.outcome import ABORT, COMMIT, resolve
 from peers.records import PeerRecord
+from peers.robust import RobustConfig, aggregate, check_reduced
+from peers.schema import canonical_bytes
 
 log = logging.getLogger(__name__)
 Hook = Callable[[str, int], None]  # (phase, step): test hook for fault injection
@@ -58,12 +72,15 @@ class RoundRunner:
         on_phase: Callable[[Group, str], None],
         records: Callable[[], dict[str, PeerRecord]],
         poll_s: float,
+        blame: Blame,
+        robust: RobustConfig,
         hook: Hook | None = None,
     ) -> None:
         self.mb, self.me, self.phase_timeout_s, self.hook = mb, me, phase_timeout_s, hook
         # on_phase publishes our phase in the heartbeat record; records() reads the
         # members' live records (fresh from the DHT) when we are stuck.
         self.on_phase, self.records, self.poll_s = on_phase, records, poll_s
+        self.blame, self.robust = blame, robust
         self._voted = False
 
     def run(self, g: Group, local: Encoded, deadline: float) -> torch.Tensor:
@@ -82,32 +99,48 @@ class RoundRunner:
         marks.append(("parts_sent", time.monotonic()))
         self._hook("after_parts", g.step, g)
 
-        acc = _Accumulator(members, bounds[i][1] - bounds[i][0], codec)
-        acc.add(i, local.slice(*bounds[i]))
+        # Contributions to our shard, decoded (None: invalid, left out of the mean).
+        parts: dict[int, torch.Tensor | None] = {i: codec.decode(local.slice(*bounds[i])).view(-1)}
         mean = torch.empty(local.numel, dtype=torch.float32)
         reduced: dict[int, bytes] = {}  # the exact frames, hashed in shard order below
-        dones: dict[int, str] = {}
+        rejected: dict[int, list[int]] = {}  # per shard: members its reducer left out
+        dones: dict[int, dict] = {}
         progress = time.monotonic()
         while len(reduced) < n_members:
-            if acc.complete and i not in reduced:
+            if len(parts) == n_members and i not in reduced:
                 marks.append(("parts_in", time.monotonic()))
-                enc = codec.encode(acc.total)  # encoded ONCE; everyone decodes these bytes
-                reduced[i] = pack(enc)
+                rejected[i], enc = self._reduce(g, parts, codec)
+                reduced[i] = pack(enc)  # encoded ONCE; everyone decodes these bytes
                 for k, m in enumerate(members):
                     if k != i:
-                        self._send(m, "REDUCED", g, payload=reduced[i], shard=i)
+                        self._send(
+                            m, "REDUCED", g, payload=reduced[i], shard=i, rejected=rejected[i]
+                        )
                 mean[bounds[i][0] : bounds[i][1]] = codec.decode(enc).view(-1)
                 marks.append(("reduced_sent", time.monotonic()))
                 continue
             msg, k = self._next(g, min(deadline, progress + self.phase_timeout_s))
-            if msg.kind == "PART" and msg.body["shard"] == i and not acc.has(k):
-                acc.add(k, self._shard(g, msg, bounds[i], local))
+            if msg is None:
+                # Silence: whoever still owes us a frame is the culprit (a withheld PART
+                # or REDUCED must not stall this step: the culprit sits out the retry).
+                owed = [k for k in range(n_members) if k not in parts]
+                owed = owed or [k for k in range(n_members) if k not in reduced]
+                self._abort(
+                    g,
+                    f"no progress for {self.phase_timeout_s:.1f}s",
+                    culprits=[members[k].peer_id for k in owed],
+                )
+            if msg.kind == "PART" and msg.body["shard"] == i and k not in parts:
+                parts[k] = self._part(g, msg, bounds[i], local, codec)
             elif msg.kind == "REDUCED" and msg.body["shard"] == k and k not in reduced:
-                enc = self._shard(g, msg, bounds[k], local)
+                enc = self._reduced(g, msg, bounds[k], local, codec)
                 mean[bounds[k][0] : bounds[k][1]] = codec.decode(enc).view(-1)
-                reduced[k] = bytes(msg.payload)
+                reduced[k], rejected[k] = bytes(msg.payload), msg.body["rejected"]
+                for j in rejected[k]:
+                    if j != i and j < n_members:  # the reducer's word: hearsay for us
+                        self._offend(g, members[j].peer_id, f"rejected by reducer {k}", False)
             elif msg.kind == "DONE":
-                dones[k] = msg.body["digest"]  # a vote that beat our decoding: keep it
+                dones[k] = msg.body  # a vote that beat our decoding: keep it
                 continue
             else:
                 log.warning(
@@ -120,11 +153,9 @@ class RoundRunner:
                 continue
             progress = time.monotonic()
         self._hook("after_reduce", g.step, g)
-        digest = hashlib.sha256()
-        for k in range(n_members):
-            digest.update(reduced[k])
+        vote = _ballot(g, reduced, rejected)
         marks.append(("decoded", time.monotonic()))
-        self._vote(g, i, digest.hexdigest(), dones, deadline)
+        self._vote(g, i, vote, dones, deadline)
         marks.append(("committed", time.monotonic()))
         log.debug(
             "round %s timeline (ms): %s",
@@ -133,34 +164,82 @@ class RoundRunner:
         )
         return mean.view(local.shape)
 
-    def _vote(self, g: Group, i: int, digest: str, dones: dict[int, str], deadline: float) -> None:
+    def _reduce(
+        self, g: Group, parts: dict[int, torch.Tensor | None], codec: Codec
+    ) -> tuple[list[int], Encoded]:
+        """Our shard's robust mean (robust.py), and the members left out of it."""
+        n = len(g.members)
+        invalid = [k for k in range(n) if parts[k] is None]
+        valid = [k for k in range(n) if parts[k] is not None]
+        agg = aggregate(
+            [parts[k] for k in valid],  # type: ignore[misc]  # None filtered out above
+            [g.members[k].weight for k in valid],
+            self.robust,
+        )
+        out = sorted(invalid + [valid[j] for j, _ in agg.rejected])
+        for j, why in agg.rejected:
+            self._offend(g, g.members[valid[j]].peer_id, f"contribution rejected: {why}", True)
+        if agg.clipped:
+            log.info(
+                "round %s: clipped contributions of %s",
+                g.rid,
+                [g.members[valid[j]].peer_id for j in agg.clipped],
+            )
+        return out, codec.encode(agg.mean)
+
+    def _vote(self, g: Group, i: int, vote: dict, dones: dict[int, dict], deadline: float) -> None:
         """Send DONE to everyone; return once committed (all DONEs), raise once aborted."""
         self._phase(g, "voted")
         self._voted = True
         sent = 0
         for k, m in enumerate(g.members):
             if k != i:
-                self._send(m, "DONE", g, digest=digest)
+                self._send(m, "DONE", g, **vote)
                 sent += 1
                 if sent == 1:
                     self._hook("mid_done", g.step, g)  # a fault here: some members have our vote
-        dones[i] = digest
+        for k, other in list(dones.items()):
+            self._check_vote(g, vote, k, other)
+        dones[i] = vote
         until = min(deadline, time.monotonic() + self.phase_timeout_s)
         while len(dones) < len(g.members):
             try:
-                msg, k = self._next(g, until, abort_on_silence=False)
+                msg, k = self._next(g, until)
             except RoundAborted:  # its sender did not hold every vote: we cannot either
                 self._phase(g, "aborted")
                 raise
             if msg is None:
                 return self._stuck(g, deadline)
             if msg.kind == "DONE":
-                dones[k] = msg.body["digest"]
-                if dones[k] != digest:
-                    # Nobody can hold P equal votes now: aborting is safe for everyone.
-                    self._abort(g, f"{msg.sender} reduced different bytes ({dones[k][:12]}…)")
+                dones[k] = msg.body
+                self._check_vote(g, vote, k, msg.body)
         self._hook("before_commit", g.step, g)
         self._phase(g, "committed")
+
+    def _check_vote(self, g: Group, mine: dict, k: int, other: dict) -> None:
+        """A vote that differs from ours: nobody can hold P equal votes, so aborting is safe
+        for everyone. Its parts say who caused it: the leader (it described the group
+        differently to different members) or a reducer (it sent different bytes)."""
+        if other["digest"] == mine["digest"]:
+            return
+        sender = g.members[k].peer_id
+        if other["group"] != mine["group"]:
+            culprits = [g.leader.peer_id]
+        else:
+            n = len(g.members)
+            culprits = [
+                g.members[j].peer_id
+                for j in range(min(n, len(other["shards"])))
+                if other["shards"][j] != mine["shards"][j]
+            ] or [sender]
+        # Either those lied, or the sender lies about its vote: everyone involved sits out
+        # the retry, and nobody gets a strike on such ambiguous evidence.
+        self._abort(
+            g,
+            f"{sender} voted differently ({other['digest'][:12]}…)",
+            culprits=sorted({*culprits, sender}),
+            own=False,
+        )
 
     def _stuck(self, g: Group, deadline: float) -> None:
         """We voted and did not hear every vote: learn the outcome from the members."""
@@ -186,17 +265,14 @@ class RoundRunner:
                     "round aborted (learned from the members' records)", next_attempt=g.attempt + 1
                 )
             try:  # an ABORT while we wait also settles it; late DONEs no longer count
-                msg, _ = self._next(g, time.monotonic() + self.poll_s, abort_on_silence=False)
+                self._next(g, time.monotonic() + self.poll_s)
             except RoundAborted:
                 self._phase(g, "aborted")
                 raise
 
-    def _next(
-        self, g: Group, until: float, abort_on_silence: bool = True
-    ) -> tuple[Msg | None, int]:
-        """Next message of this round from an authenticated member, answering late JOINs.
-
-        Silence until `until` aborts the round, or returns (None, -1) after we voted."""
+    def _next(self, g: Group, until: float) -> tuple[Msg, int] | tuple[None, int]:
+        """Next message of this round from an authenticated member, answering late JOINs;
+        (None, -1) on silence until `until`. An ABORT raises RoundAborted."""
         index = {m.peer_id: k for k, m in enumerate(g.members)}
         while True:
             try:
@@ -212,11 +288,9 @@ class RoundRunner:
                     # Our vote is out: an ABORT now could split the members (some may hold
                     # every vote). Go silent; they settle it from the records (outcome.py).
                     raise
-                self._abort(g, "a member is leaving the swarm", RoundFailed)
+                self._abort(g, "a member is leaving the swarm", exc=RoundFailed)
             if msg is None:
-                if not abort_on_silence:
-                    return None, -1
-                self._abort(g, f"no progress for {self.phase_timeout_s:.1f}s")
+                return None, -1
             if msg.kind == "JOIN":
                 a = msg.body["ann"]  # too late for this round: tell it to wait for the outcome
                 self.mb.send(a.endpoint, a.curve_key, "FORMED", attempt=msg.attempt)
@@ -232,21 +306,53 @@ class RoundRunner:
                 self.mb.transport.dropped += 1
                 continue
             if msg.kind == "ABORT":
+                culprits = [c for c in msg.body["culprits"] if c in index and c != msg.sender]
+                if self.me not in msg.body["culprits"]:  # (if it names us, it is wrong)
+                    self.blame.accusation(
+                        msg.sender, culprits, g.epoch, g.step, msg.body["reason"][:120]
+                    )
                 raise RoundAborted(
                     f"{msg.sender} aborted: {msg.body['reason']}", next_attempt=g.attempt + 1
                 )
             return msg, k
 
-    def _shard(self, g: Group, msg: Msg, bound: tuple[int, int], local: Encoded) -> Encoded:
-        """The shard of an authenticated member, if it fits; an invalid one aborts the round."""
+    def _part(
+        self, g: Group, msg: Msg, bound: tuple[int, int], local: Encoded, codec: Codec
+    ) -> torch.Tensor | None:
+        """A member's contribution to our shard, decoded; None if it is invalid (it is left
+        out of the mean and its sender blamed, but the round goes on without it)."""
         assert msg.enc is not None  # messages.parse unpacked and validated the frame
         try:
             check_shard(msg.enc, bound, local)
-        except Malformed as e:
+            x = codec.decode(msg.enc).view(-1)
+        except (Malformed, ValueError, RuntimeError) as e:
             self.mb.transport.dropped += 1
-            log.warning("invalid %s from member %s in round %s: %s", msg.kind, msg.sender, g.rid, e)
-            self._abort(g, f"invalid {msg.kind} from {msg.sender}")
+            self._offend(g, msg.sender, f"invalid PART: {e}", True)
+            return None
+        return x
+
+    def _reduced(
+        self, g: Group, msg: Msg, bound: tuple[int, int], local: Encoded, codec: Codec
+    ) -> Encoded:
+        """A reducer's shard of the mean, if it fits and is sane next to our own part of it
+        (robust.check_reduced); anything else aborts the round, blaming the reducer."""
+        assert msg.enc is not None
+        try:
+            check_shard(msg.enc, bound, local)
+            why = check_reduced(
+                codec.decode(msg.enc).view(-1),
+                codec.decode(local.slice(*bound)).view(-1),
+                self.robust,
+            )
+            if why is not None:
+                raise Malformed(why)
+        except (Malformed, ValueError, RuntimeError) as e:
+            self.mb.transport.dropped += 1
+            self._abort(g, f"invalid REDUCED from {msg.sender}: {e}", culprits=[msg.sender])
         return msg.enc
+
+    def _offend(self, g: Group, peer_id: str, what: str, own: bool) -> None:
+        self.blame.offend(Offence(peer_id, g.epoch, g.step, what, own))
 
     def _send(
         self, m: Member, kind: str, g: Group, payload: bytes | None = None, **body: object
@@ -258,7 +364,14 @@ class RoundRunner:
     def _phase(self, g: Group, phase: str) -> None:
         self.on_phase(g, phase)
 
-    def _abort(self, g: Group, reason: str, exc: type[Exception] = RoundAborted) -> NoReturn:
+    def _abort(
+        self,
+        g: Group,
+        reason: str,
+        culprits: list[str] = (),  # type: ignore[assignment]
+        own: bool = True,
+        exc: type[Exception] = RoundAborted,
+    ) -> NoReturn:
         log.warning(
             "aborting round %s (epoch %d step %d attempt %d): %s",
             g.rid,
@@ -267,9 +380,12 @@ class RoundRunner:
             g.attempt,
             reason,
         )
+        culprits = [c for c in culprits if c != self.me][:MAX_CULPRITS]
+        for c in culprits:
+            self._offend(g, c, reason, own)
         for m in g.members:
             if m.peer_id != self.me:
-                self._send(m, "ABORT", g, reason=reason[:500])
+                self._send(m, "ABORT", g, reason=reason[:500], culprits=culprits)
         self._phase(g, "aborted")
         if exc is RoundAborted:
             raise RoundAborted(reason, next_attempt=g.attempt + 1)
@@ -282,31 +398,40 @@ class RoundRunner:
                 self.hook("leader_" + phase, step)  # faults aimed at whoever leads
 
 
-class _Accumulator:
-    """Weighted fp32 sum of one shard's contributions. Parts are decoded and added as soon
-    as they arrive (overlapping the network), but always in member order, so the reducer's
-    result does not depend on arrival order."""
+def group_digest(g: Group) -> str:
+    """sha256 of the group as BEGIN described it to us: two members whose leader told them
+    different member lists, weights or votes get different digests, so neither commits."""
+    desc = [
+        g.rid,
+        g.epoch,
+        g.step,
+        g.attempt,
+        g.params_hash,
+        [
+            [
+                m.peer_id,
+                m.endpoint,
+                m.curve_key,
+                m.weight,
+                None if m.vote is None else vote_hash(m.vote),
+            ]
+            for m in g.members
+        ],
+    ]
+    return hashlib.sha256(canonical_bytes(desc)).hexdigest()
 
-    def __init__(self, members: tuple[Member, ...], numel: int, codec: Codec) -> None:
-        total = sum(m.weight for m in members)
-        n = len(members)
-        self.weights = [m.weight / total if total > 0 else 1.0 / n for m in members]
-        self.total = torch.zeros(numel, dtype=torch.float32)
-        self.codec, self._next, self._waiting = codec, 0, {}
 
-    def add(self, k: int, enc: Encoded) -> None:
-        self._waiting[k] = enc
-        while self._next in self._waiting:
-            x = self.codec.decode(self._waiting.pop(self._next)).view(-1)
-            self.total.add_(x, alpha=self.weights[self._next])
-            self._next += 1
-
-    def has(self, k: int) -> bool:
-        return k < self._next or k in self._waiting
-
-    @property
-    def complete(self) -> bool:
-        return self._next == len(self.weights)
+def _ballot(g: Group, reduced: dict[int, bytes], rejected: dict[int, list[int]]) -> dict:
+    """Our DONE: the digest of the group and of every reduced shard (bytes and who its
+    reducer left out), and the parts, so a mismatch names its cause."""
+    group = group_digest(g)
+    shards = []
+    for k in range(len(g.members)):
+        h = hashlib.sha256(canonical_bytes(rejected.get(k, [])))
+        h.update(reduced[k])
+        shards.append(h.hexdigest())
+    digest = hashlib.sha256((group + "".join(shards)).encode()).hexdigest()
+    return {"digest": digest, "group": group, "shards": shards}
 
 
 def check_shard(enc: Encoded, bound: tuple[int, int], local: Encoded) -> None:

@@ -89,6 +89,7 @@ class StateServer:
         sock.linger = 0
         sock.maxmsgsize = MAX_REQUEST_BYTES
         sock.sndhwm = 8  # a client that requests but never reads cannot pin GBs of chunks
+        sock.rcvhwm = 64  # requests are tiny and answered in order: no backlog is needed
         if self._secret_key is not None:
             sock.curve_server = True
             sock.curve_secretkey = self._secret_key

@@ -21,12 +21,14 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import replace
 
 import torch
 
 from compression.codec import Encoded
 from compression.wire import WireLimits
+from peers.blame import Blame
 from peers.config import SwarmConfig
 from peers.consensus import tally, vote_hash
 from peers.dht import SwarmDHT
@@ -54,8 +56,14 @@ class Swarm:
         state_endpoint: str | None = None,
         state_curve_key: str | None = None,
         hook: Hook | None = None,
+        vote_check: Callable[[dict], None] | None = None,
     ) -> None:
         self.cfg = cfg
+        # vote_check(vote) raises ValueError for a growth vote the app cannot apply (bad
+        # fields, a factor past the model's limits). Such votes never count (leader.py,
+        # _committed): one member's garbage vote must not crash or grow every member.
+        self._vote_check = vote_check
+        self.blame = Blame(cfg.ban_after, cfg.ban_steps)
         self.dht = SwarmDHT(
             cfg.run,
             cfg.host,
@@ -108,14 +116,26 @@ class Swarm:
         self.mailbox = Mailbox(
             self.transport, self.cfg.run, self.peer_id, limits, 4 * self.cfg.max_frame_bytes
         )
+        # Banned peers (blame.py) vanish from our view: we neither wait for them, nor count
+        # their records in the majority line, nor take state from them. Peers the run's
+        # owner did not admit are not in it at all (admission.py), and the admitted ones'
+        # CURVE keys are all the data plane lets in.
         self.view = SwarmView(
             self.dht,
             self.peer_id,
             self.cfg,
             on_refresh=lambda recs: transport.allow(r.curve_key for r in recs),
+            hidden=lambda: self.blame.banned(self._step),
         )
         self.matchmaker = Matchmaker(
-            self.cfg, self.dht, self.mailbox, self.me, self.view, self._check_state
+            self.cfg,
+            self.dht,
+            self.mailbox,
+            self.me,
+            self.view,
+            self._check_state,
+            self.blame,
+            self.vote_ok,
         )
         self.runner = RoundRunner(
             self.mailbox,
@@ -124,6 +144,8 @@ class Swarm:
             on_phase=self._on_phase,
             records=lambda: {r.peer_id: r for r in self.view.live(fresh=True)},
             poll_s=self.cfg.heartbeat_s / 2,
+            blame=self.blame,
+            robust=self.cfg.robust,
             hook=self._hook,
         )
         self.visible_maddrs = self.dht.visible_maddrs()
@@ -270,7 +292,9 @@ class Swarm:
         recv0: int,
     ) -> AllReduceResult:
         end = time.monotonic()
-        vote = tally([m.vote for m in g.members], self.cfg.quorum, self.cfg.min_peers)
+        # Invalid votes abstain; every member runs the same check on the same list.
+        votes = [m.vote if self.vote_ok(m.vote) else None for m in g.members]
+        vote = tally(votes, self.cfg.quorum, self.cfg.min_peers)
         with self._rec_lock:
             self._commits.append(g.rid)
         # Stuck members (outcome.py) learn the outcome from this record: send it now.
@@ -346,6 +370,17 @@ class Swarm:
     def verdict(self, fresh: bool = False) -> Verdict:
         """Does the swarm's majority line hold our θ_g? (lineage.py)"""
         return verdict(self._my_record(), self.view.live(fresh))
+
+    def vote_ok(self, vote: dict | None) -> bool:
+        """Would the app accept this growth vote? (None, no vote, is always fine.)"""
+        if vote is None or self._vote_check is None:
+            return True
+        try:
+            self._vote_check(vote)
+        except (ValueError, TypeError, KeyError) as e:
+            log.warning("ignoring invalid growth vote %r: %s", vote, e)
+            return False
+        return True
 
     def _check_state(self, fresh: bool) -> None:
         v = self.verdict(fresh)

@@ -40,6 +40,11 @@ from peers.dealers import REDIAL_S, Dealers
 log = logging.getLogger(__name__)
 
 MAX_HEADER_BYTES = 1 << 20
+# Messages queued per sending peer while we are not reading (we read only during rounds,
+# and between rounds a peer sends us at most a late vote or two). zmq's default of 1000
+# frames of up to max_frame_bytes each let one connection pin gigabytes while we trained;
+# past this, zmq stops reading that connection and the sender's own queue holds the rest.
+RCV_HWM = 4
 
 
 @dataclass(frozen=True)
@@ -126,6 +131,7 @@ class Transport:
         r.curve_publickey, r.curve_secretkey = pub, sec
         # zmq drops a peer that sends more than this, before we allocate it in Python.
         r.setsockopt(zmq.MAXMSGSIZE, self.max_frame_bytes + MAX_HEADER_BYTES)
+        r.setsockopt(zmq.RCVHWM, RCV_HWM)
         r.linger = 0
         if self.port:
             r.bind(f"tcp://{self.host}:{self.port}")

@@ -139,12 +139,48 @@ def test_peers_at_the_tip_are_ok_and_a_peer_behind_resyncs_from_the_tip():
     assert "behind" in v[C].reason and "step 5" in v[C].reason
 
 
-def test_behind_peer_source_is_the_tip_holder_even_without_a_state_server():
+def test_behind_peer_source_is_a_holder_of_the_confirmed_state_even_without_a_state_server():
+    # A alone at step 8 confirms nothing yet (one holder in a line of three); B's step 6 is
+    # held by A and B: the confirmed state, which C adopts from B.
     recs = [on_line(A, 8), on_line(B, 6), on_line(C, 2)]
-    for pid in (B, C):
-        v = verdict(next(r for r in recs if r.peer_id == pid), recs)
-        assert not v.ok and v.source is not None and v.source.peer_id == A
-    assert verdict(recs[0], recs).ok
+    v = verdicts(recs)
+    assert v[A].ok and "ahead" in v[A].reason
+    assert v[B].ok and v[B].source is None
+    assert not v[C].ok and v[C].source is not None and v[C].source.peer_id == B
+    # Once B reached step 8 too, step 8 is confirmed and C goes there.
+    recs[1] = on_line(B, 8)
+    v = verdicts(recs)
+    assert v[A].ok and v[B].ok and not v[C].ok and v[C].source.claim == (0, 8, "h8")
+
+
+def test_a_lone_record_claiming_a_far_step_on_our_line_takes_nothing_over():
+    """Issue 9, attack 2: a record with our lineage plus step 10^15 is our line's tip, but
+    nobody else holds that state: the honest peers keep theirs and resync from no one."""
+    honest = [on_line(p, 40) for p in (A, B, C)]
+    fake = rec(D, 10**15, "evil", (*on_line(D, 40).lineage[1:], (10**15, "evil", 1000)))
+    recs = [*honest, fake]
+    (only,) = branches(recs)
+    assert only.tip.peer_id == D  # it is the tip of our line ...
+    for r in honest:  # ... but not the state the line confirmed
+        v = verdict(r, recs)
+        assert v.ok and v.source is None, v.reason
+    joiner = rec(E, 0, "init", ((0, "init", 0),))
+    v = verdict(joiner, [*recs, joiner])
+    assert not v.ok and v.source.claim == (0, 40, "h40")  # downloads the honest state
+
+
+def test_a_fake_signed_claim_cannot_take_over_a_swarm_of_fresh_peers():
+    """At step 0 nobody's state is signed yet: a single signed claim on top of the initial
+    θ_g still needs a second holder while the line has more than two peers."""
+    fresh = [rec(p, 0, "h0", ((0, "h0", 0),)) for p in (A, B, C)]
+    fake = rec(D, 10**15, "evil", ((0, "h0", 0), (10**15, "evil", 1000)))
+    recs = [*fresh, fake]
+    for r in fresh:
+        assert verdict(r, recs).ok
+    # Two honest peers that committed step 1 together, though, lead the third there.
+    one = [rec(p, 1, "h1", ((0, "h0", 0), (1, "h1", 2))) for p in (A, B)]
+    v = verdict(fresh[2], [*one, fresh[2]])
+    assert not v.ok and v.source.claim == (0, 1, "h1")
 
 
 def _fork(common: int, maj_step: int, lone_step: int) -> tuple[list[PeerRecord], PeerRecord]:
