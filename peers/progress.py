@@ -137,10 +137,6 @@ class SwarmView:
                 log.warning("ignoring %s: %s", who, why)
         return out
 
-    def is_admitted(self, peer_id: str) -> bool:
-        """Open run, or `peer_id` has an admitted record in the current view."""
-        return self.policy.open or any(r.peer_id == peer_id for r in self.records())
-
     def records(self) -> list[PeerRecord]:
         with self._lock:
             return list(self._records)
