@@ -94,6 +94,7 @@ def peer_args(a: argparse.Namespace, cfg_path: Path, work: Path, i: int) -> list
         "peer",
         "--run",
         a.run_name,
+        "--open",  # a local benchmark: no admission files
         "--preset",
         a.preset,
         "--config",

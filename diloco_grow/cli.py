@@ -1,4 +1,4 @@
-"""`diloco-grow` command line: simulate, plot, peer, status, demo."""
+"""`diloco-grow` command line: simulate, plot, peer, status, demo; run init, keygen, admit."""
 
 from __future__ import annotations
 
@@ -138,10 +138,10 @@ def plot(metrics: tuple[str, ...], out: str, label: tuple[str, ...]) -> None:
     click.echo(f"wrote {path}")
 
 
-def _swarm_opt(flag: str, help: str, **kw: Any) -> Any:
+def _swarm_opt(flag: str, help: str, name: str | None = None, **kw: Any) -> Any:
     """A `peer` flag backed by the [swarm] field of the same name. It has no click default,
     so an absent flag does not override the run file; its help shows the one default."""
-    name = flag.lstrip("-").replace("-", "_")
+    name = name or flag.lstrip("-").replace("-", "_")
     default = getattr(SwarmSection(), name)
     if isinstance(default, float):
         default = f"{default:g}"
@@ -149,8 +149,26 @@ def _swarm_opt(flag: str, help: str, **kw: Any) -> Any:
     return click.option(flag, name, default=None, help=f"{help} {shown}".strip(), **kw)
 
 
+RUN_FILE_HELP = "The run's file from its owner (`run init`): run name, owner key, mode."
+OPEN_HELP = "Public run without a run file: every peer is admitted."
+
+
 @main.command()
-@_swarm_opt("--run", "Run (swarm) name.")
+@_swarm_opt("--run", "Run (swarm) name [default: the run file's, else diloco].")
+@_swarm_opt("--run-file", RUN_FILE_HELP, type=click.Path(dir_okay=False, exists=True))
+@_swarm_opt(
+    "--key",
+    "This peer's identity key file (created if missing): a stable peer id.",
+    name="key_file",
+    type=click.Path(dir_okay=False),
+)
+@_swarm_opt(
+    "--cert",
+    "The owner's certificate for this peer (`admit`); admitted runs.",
+    name="cert_file",
+    type=click.Path(dir_okay=False, exists=True),
+)
+@_swarm_opt("--open", OPEN_HELP, is_flag=True)
 @_swarm_opt("--join", "Multiaddr of a live peer (repeatable).", multiple=True)
 @_swarm_opt("--host", "Interface to listen on.")
 @_swarm_opt("--port", "DHT port (0: any free port).", type=int)
@@ -197,7 +215,9 @@ def peer(
 ) -> None:
     """Run one peer of a swarm; prints `ready <multiaddr>` once others can join it.
 
-    Every swarm flag can also come from the [swarm] section of --config; a flag wins."""
+    A private run needs --run-file, --key and --cert (see `run init`, `keygen`, `admit`);
+    a public one --open. Every swarm flag can also come from the [swarm] section of
+    --config; a flag wins."""
     import logging
 
     from diloco_grow.peer import run_peer
@@ -217,6 +237,7 @@ def peer(
             },
         )
         opts = cfg.swarm.peer_options()
+        opts.swarm_config()  # admission files: fail here, not after loading the data
         if opts.device.startswith("cuda"):
             import torch
 
@@ -302,15 +323,42 @@ def export(ckpt: str, out: str, fmt: str) -> None:
 
 @main.command()
 @click.option("--join", multiple=True, required=True, help="Multiaddr of a live peer.")
-@click.option("--run", "run_name", default="diloco", show_default=True, help="Run (swarm) name.")
+@click.option("--run-file", type=click.Path(dir_okay=False, exists=True), help=RUN_FILE_HELP)
+@click.option("--open", "open_run", is_flag=True, help="A public run (no run file).")
+@click.option("--run", "run_name", help="Run (swarm) name [default: the run file's, else diloco].")
 @click.option("--json", "as_json", is_flag=True, help='Print {"peers": [...]} as JSON.')
 @click.option("--timeout", default=30.0, show_default=True, help="Seconds to wait for the DHT.")
-def status(join: tuple[str, ...], run_name: str, as_json: bool, timeout: float) -> None:
-    """Show live peers of a run: step, arch epoch, θ_g hash, loss, speed, bytes."""
+def status(
+    join: tuple[str, ...],
+    run_file: str | None,
+    open_run: bool,
+    run_name: str | None,
+    as_json: bool,
+    timeout: float,
+) -> None:
+    """Show live peers of a run: step, arch epoch, θ_g hash, loss, speed, bytes.
+
+    In an admitted run (--run-file) only peers the owner admitted are listed."""
+    from peers.admission import Admission, RunFile
     from peers.observer import read_progress
 
+    if run_file is None and not open_run:
+        fail(
+            "status needs the run's file: pass --run-file RUN.json (from the run's owner), "
+            "or --open for a public run"
+        )
     try:
-        peers = read_progress(run_name, list(join), timeout=timeout)
+        if run_file is not None:
+            policy = RunFile.load(run_file).admission()
+            if run_name not in (None, policy.run):
+                raise ValueError(f"the run file {run_file} is for run {policy.run!r}")
+        else:
+            policy = Admission(run_name or "diloco")
+    except ValueError as e:
+        fail(str(e))
+    run_name = policy.run
+    try:
+        peers = read_progress(run_name, list(join), timeout=timeout, admission=policy)
     except Exception as e:
         fail(f"could not read the swarm's DHT via {list(join)}: {e}")
     fields = [
@@ -369,6 +417,105 @@ def demo(peers: int, minutes: float, preset: str, inner_steps: int, grow: str, o
     click.echo(json.dumps(summary, sort_keys=True))
     if summary["steps_with_disagreeing_hashes"]:
         fail(f"peers disagreed on θ_g at steps {summary['steps_with_disagreeing_hashes']}")
+
+
+@main.group("run")
+def run_group() -> None:
+    """Set up a run (owner side): `run init` writes the run file peers join with."""
+
+
+@run_group.command("init")
+@click.option("--run", "run_name", required=True, help="Run (swarm) name.")
+@click.option(
+    "--owner-key",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="The owner's Ed25519 key file (created, mode 0600, if missing). Keep it private.",
+)
+@click.option("--out", default="run.json", show_default=True, help="Run file to write.")
+@click.option("--open", "open_run", is_flag=True, help="A public run: every peer is admitted.")
+def run_init(run_name: str, owner_key: str, out: str, open_run: bool) -> None:
+    """Write the run file (run name, owner public key, mode) that every peer joins with."""
+    from peers.admission import RunFile, load_or_create_owner_key, public_hex
+
+    try:
+        key, created = load_or_create_owner_key(owner_key)
+        rf = RunFile(run_name, public_hex(key), "open" if open_run else "admitted")
+        if Path(out).exists() and Path(out).read_text() != rf.to_json():
+            raise ValueError(f"{out} exists and describes another run; remove it or pick --out")
+        rf.save(out)
+    except ValueError as e:
+        fail(str(e))
+    if created:
+        click.echo(f"created owner key {owner_key} (keep it private: it admits peers)", err=True)
+    click.echo(f"wrote {out}: run {run_name!r}, mode {rf.mode}, owner key {rf.owner_key}")
+    if not open_run:
+        click.echo(
+            f"admit a peer: diloco-grow admit --owner-key {owner_key} --run-file {out} "
+            "--peer-id ID --out ID.cert",
+            err=True,
+        )
+
+
+@main.command()
+@click.option(
+    "--key",
+    "key_file",
+    default="peer.key",
+    show_default=True,
+    type=click.Path(dir_okay=False),
+    help="Identity key file (created, mode 0600, if missing).",
+)
+def keygen(key_file: str) -> None:
+    """Create (or read) this peer's identity key and print its peer id, which the run's
+    owner admits with `diloco-grow admit --peer-id ID`."""
+    from peers.identity import load_or_create, peer_id_of_key
+
+    existed = Path(key_file).exists()
+    try:
+        peer_id = peer_id_of_key(load_or_create(key_file))
+    except ValueError as e:
+        fail(str(e))
+    click.echo(f"{'read' if existed else 'created'} identity key {key_file}", err=True)
+    click.echo(peer_id)
+
+
+@main.command()
+@click.option(
+    "--owner-key",
+    required=True,
+    type=click.Path(dir_okay=False, exists=True),
+    help="The run owner's key file (from `run init`).",
+)
+@click.option(
+    "--run-file", required=True, type=click.Path(dir_okay=False, exists=True), help="The run file."
+)
+@click.option("--peer-id", required=True, help="The id `diloco-grow keygen` printed for the peer.")
+@click.option("--days", default=30.0, show_default=True, help="Days until the admission expires.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Certificate to write.")
+def admit(owner_key: str, run_file: str, peer_id: str, days: float, out: str) -> None:
+    """Admit a peer to the run: sign (run, peer id, expiry) with the owner's key. Send the
+    certificate to the peer; it joins with `peer --run-file ... --key ... --cert ...`."""
+    import time
+
+    from peers.admission import RunFile, load_or_create_owner_key, public_hex, sign
+
+    try:
+        rf = RunFile.load(run_file)
+        if not Path(owner_key).exists():
+            raise ValueError(f"owner key {owner_key} does not exist")
+        key, _ = load_or_create_owner_key(owner_key)
+        if public_hex(key) != rf.owner_key:
+            raise ValueError(f"{owner_key} is not the owner key of {run_file}")
+        if rf.mode == "open":
+            raise ValueError(f"{run_file} is an open run: every peer is admitted without a cert")
+        if not 0 < days <= 3650:
+            raise ValueError("--days must lie in (0, 3650]")
+        cert = sign(key, rf.run, peer_id.strip().lower(), int(time.time() + days * 86400))
+        cert.save(out)
+    except ValueError as e:
+        fail(str(e))
+    click.echo(f"admitted {cert.peer_id} to run {rf.run!r} until {cert.expires_utc}: {out}")
 
 
 if __name__ == "__main__":

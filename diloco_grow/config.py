@@ -134,7 +134,14 @@ class SwarmSection:
     has a field of the same name, peer_options() carries it over; nothing else to wire.
     """
 
-    run: str = "diloco"  # swarm name: peers of one run share it
+    run: str | None = None  # swarm name peers of one run share; None: the run file's, or diloco
+    # Admission (peers/admission.py): a peer joins with the run file its owner wrote
+    # (`run init`), plus, in an admitted run, its identity key (`keygen`) and the owner's
+    # certificate for it (`admit`); or, explicitly, an open run that admits everyone.
+    run_file: str | None = None
+    key_file: str | None = None  # identity key (created if missing): a stable peer id
+    cert_file: str | None = None
+    open: bool = False
     join: tuple[str, ...] = ()  # multiaddrs of live peers (their `ready` lines)
     host: str = _net_default("host")
     port: int = _net_default("port")  # DHT (libp2p) port; 0 = any free port
@@ -163,9 +170,13 @@ class SwarmSection:
         if isinstance(self.join, list):
             object.__setattr__(self, "join", tuple(self.join))
         _check(
-            isinstance(self.run, str) and bool(RUN_RE.match(self.run)),
+            self.run is None or (isinstance(self.run, str) and bool(RUN_RE.match(self.run))),
             f"swarm.run must match {RUN_RE.pattern}, got {self.run!r}",
         )
+        for name in ("run_file", "key_file", "cert_file"):
+            v = getattr(self, name)
+            _check(v is None or (isinstance(v, str) and bool(v)), f"swarm.{name} must be a path")
+        _check(isinstance(self.open, bool), f"swarm.open must be true or false, got {self.open!r}")
         _check(
             isinstance(self.join, tuple)
             and all(isinstance(a, str) and a.startswith("/") for a in self.join),

@@ -4,6 +4,10 @@ A bootstrap peer starts first; the others join its multiaddr; the last one joins
 (after the swarm finished a few rounds) and must catch up by state transfer. Each peer
 is its own OS process in its own process group, so stopping a group also stops the
 hivemind DHT child and its p2pd daemon.
+
+The demo is a private run, set up as a run owner would (README, "Running a private run"):
+an owner key and a run file in the output folder, and for every peer an identity key and
+the owner's certificate for it. Peers outside that list could not take part.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from tqdm import tqdm
 
 from diloco_grow.growth_event import GrowthEvent, growth_line
 from diloco_grow.metrics import plot_runs, read_jsonl
+from peers.admission import RunFile, load_or_create_owner_key, public_hex, sign
+from peers.identity import load_or_create, peer_id_of_key
 
 
 @dataclass(frozen=True)
@@ -84,9 +90,31 @@ def stop_groups(procs: list[subprocess.Popen], grace: float = 30.0) -> None:
         proc.wait()
 
 
+def admit_peers(out: Path, run: str, n: int, days: float = 1.0) -> list[list[str]]:
+    """`run init`, then `keygen` and `admit` for each peer, in `out`: the `peer` flags each
+    peer joins with. Keys already there are reused (stable peer ids across demos)."""
+    owner, _ = load_or_create_owner_key(out / "owner.key")
+    run_file = out / "run.json"
+    RunFile(run, public_hex(owner)).save(run_file)
+    flags = []
+    for i in range(n):
+        key = out / f"peer{i}.key"
+        cert = out / f"peer{i}.cert"
+        peer_id = peer_id_of_key(load_or_create(key))
+        sign(owner, run, peer_id, int(time.time() + days * 86400)).save(cert)
+        flags.append(["--run-file", str(run_file), "--key", str(key), "--cert", str(cert)])
+    return flags
+
+
 def run_demo(spec: DemoSpec) -> dict[str, Any]:
     out = Path(spec.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    admitted = admit_peers(out, spec.run, spec.peers)
+    print(
+        f"private run {spec.run!r}: run file {out / 'run.json'}, owner key {out / 'owner.key'}, "
+        f"{spec.peers} peers admitted",
+        flush=True,
+    )
     common = [
         "peer",
         "--run",
@@ -108,16 +136,16 @@ def run_demo(spec: DemoSpec) -> dict[str, Any]:
     deadline = time.monotonic() + spec.minutes * 60
     try:
         boot_log = out / "peer0.log"
-        procs.append(_spawn([*common, "--out-dir", str(out / "peer0")], boot_log))
+        procs.append(_spawn([*common, *admitted[0], "--out-dir", str(out / "peer0")], boot_log))
         maddr = _wait_ready(boot_log, procs[0], 120)
         print(f"bootstrap peer ready at {maddr}", flush=True)
+
+        def joiner(i: int) -> subprocess.Popen:
+            args = [*common, *admitted[i], "--join", maddr, "--out-dir", str(out / f"peer{i}")]
+            return _spawn(args, out / f"peer{i}.log")
+
         for i in range(1, spec.peers - 1):
-            procs.append(
-                _spawn(
-                    [*common, "--join", maddr, "--out-dir", str(out / f"peer{i}")],
-                    out / f"peer{i}.log",
-                )
-            )
+            procs.append(joiner(i))
         late_started = spec.peers < 2
         # On a terminal a live bar; in a log (make demo | tee, CI) one line per new step.
         tty = sys.stderr.isatty()
@@ -154,12 +182,7 @@ def run_demo(spec: DemoSpec) -> dict[str, Any]:
             if not late_started and len(recs) >= spec.late_after_rounds:
                 i = spec.peers - 1
                 print(f"\nlate peer {i} joins at step {recs[-1]['step']}", flush=True)
-                procs.append(
-                    _spawn(
-                        [*common, "--join", maddr, "--out-dir", str(out / f"peer{i}")],
-                        out / f"peer{i}.log",
-                    )
-                )
+                procs.append(joiner(i))
                 late_started = True
             if any(p.poll() is not None for p in procs):
                 print("\na peer exited early; stopping the demo", flush=True)

@@ -36,6 +36,7 @@ from diloco_grow.pacing import PhasePacer
 from diloco_grow.state_sync import fetch_state, holders
 from diloco_grow.train import InnerStats, evaluate_theta
 from diloco_grow.worker import GlobalState, Worker
+from peers.admission import peer_settings
 from peers.control import ControlServer
 from peers.lineage import members_at
 from peers.state_transfer import StateServer
@@ -50,7 +51,11 @@ class PeerOptions:
     """What the app needs; built from the [swarm] section and flags (config.SwarmSection).
     Network defaults are SwarmConfig's, so each setting has one default."""
 
-    run: str = "diloco"
+    run: str | None = None  # None: the run file's name, or "diloco"
+    run_file: str | None = None
+    key_file: str | None = None
+    cert_file: str | None = None
+    open: bool = False
     join: tuple[str, ...] = ()
     host: str = _NET["host"]
     port: int = _NET["port"]
@@ -75,8 +80,10 @@ class PeerOptions:
     extra_swarm: dict[str, Any] = field(default_factory=dict)
 
     def swarm_config(self) -> SwarmConfig:
+        """ValueError if the admission files are missing or do not admit this peer."""
+        admission = peer_settings(self.run, self.run_file, self.key_file, self.cert_file, self.open)
         return SwarmConfig(
-            run=self.run,
+            **admission,
             host=self.host,
             port=self.port,
             announce_host=self.announce_host,

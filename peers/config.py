@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from peers.admission import Admission, Certificate, owner_public_key
 from peers.records import MAX_MEMBERS
 from peers.robust import RobustConfig
 
@@ -47,6 +48,14 @@ class SwarmConfig:
     robust: RobustConfig = field(default_factory=RobustConfig)
     ban_after: int = 3
     ban_steps: int = 100
+    # Identity and admission (identity.py, admission.py). identity_key: the RSA key file
+    # that fixes our peer id across restarts (created if missing); None = a fresh key and
+    # id per start. owner_key: the run owner's Ed25519 public key (hex) from the run file;
+    # None = an open run, everyone admitted. cert: the owner's certificate for our peer id,
+    # required when owner_key is set.
+    identity_key: str | None = None
+    owner_key: str | None = None
+    cert: Certificate | None = None
 
     def __post_init__(self) -> None:
         if not RUN_RE.match(self.run):
@@ -70,6 +79,14 @@ class SwarmConfig:
             raise ValueError("ban_after must be >= 1 and ban_steps >= 0")
         if self.max_frame_bytes < 1024:
             raise ValueError("max_frame_bytes must be >= 1024")
+        if self.owner_key is not None:
+            owner_public_key(self.owner_key)  # ValueError if it is no Ed25519 key
+            if self.cert is None:
+                raise ValueError("an admitted run (owner_key set) needs this peer's certificate")
+
+    @property
+    def admission(self) -> Admission:
+        return Admission(self.run, self.owner_key)
 
     @property
     def rpc_timeout_s(self) -> float:
@@ -80,3 +97,9 @@ class SwarmConfig:
     @property
     def dead_after_s(self) -> float:
         return self.dead_after_beats * self.heartbeat_s
+
+    @property
+    def record_ttl_s(self) -> float:
+        """How long a heartbeat record stays in the DHT: well past death, so `status` can
+        still show a peer that just died (liveness is judged by age, progress.is_live)."""
+        return 4 * self.dead_after_s + 10.0

@@ -3,8 +3,10 @@
 Keys are namespaced by run (`<run>/peers`, `<run>/round/<epoch>/<step>`, `<run>/history`).
 Every record is stored under a subkey `<name>` + `[owner:<rsa public key>]`, so hivemind's
 RSASignatureValidator signs it and every DHT node rejects forgeries. Our `peer_id` is derived
-from that RSA key, and on read we check the value's `peer_id` against the subkey's key: a
-peer cannot publish records (endpoints, CURVE keys, progress) in another peer's name.
+from that RSA key (identity.py: kept in a key file, or fresh per start), and on read we check
+the value's `peer_id` against the subkey's key: a peer cannot publish records (endpoints,
+CURVE keys, progress) in another peer's name, nor choose its id. Whether a signer is
+*admitted* to the run is the reader's business (admission.py, progress.py).
 
 DHT reads can be stale or partial. They are used for discovery (who is there, where, at which
 step) and never as proof that a round committed: that only comes from the data plane.
@@ -13,7 +15,6 @@ step) and never as proof that a round committed: that only comes from the data p
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 import socket
 import threading
@@ -27,15 +28,13 @@ from hivemind.utils.crypto import RSAPrivateKey
 from hivemind.utils.timed_storage import get_dht_time
 
 from peers.errors import Malformed
+from peers.identity import peer_id_of
+
+__all__ = ["SwarmDHT", "peer_id_of"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 OWNER_TAG = b"[owner:"
-
-
-def peer_id_of(owner: bytes) -> str:
-    """Our short peer id: a hash of the RSA owner tag that signs this peer's records."""
-    return hashlib.sha256(owner).hexdigest()[:20]
 
 
 class SwarmDHT:
@@ -48,14 +47,15 @@ class SwarmDHT:
         initial_peers: tuple[str, ...],
         timeout_s: float = 10.0,
         rpc_timeout_s: float = 3.0,
+        identity: RSAPrivateKey | None = None,
     ) -> None:
         self.run = run
         self._host, self._port, self._announce = host, port, announce_host
         self._initial = list(initial_peers)
         self.timeout_s, self.rpc_timeout_s = timeout_s, rpc_timeout_s
-        # A fresh key per Swarm (not hivemind's process-wide one) so that two swarms in one
-        # process (tests, benchmarks) are two distinct peers.
-        self._validator = RSASignatureValidator(RSAPrivateKey())
+        # Our identity (identity.py): a key file's, or a fresh key per Swarm (not hivemind's
+        # process-wide one) so that two swarms in one process are two distinct peers.
+        self._validator = RSASignatureValidator(identity or RSAPrivateKey())
         self._owner = self._validator.local_public_key
         self.peer_id = peer_id_of(self._owner)
         # hivemind's DHT talks to its process over one pipe; concurrent callers would
@@ -120,8 +120,12 @@ class SwarmDHT:
             log.warning("DHT store of %s failed: %s", key, e)
             return False
 
-    def fetch(self, key: str, parse: Callable[[dict], T]) -> list[T]:
-        """All live records under key, validated; bad ones are logged and skipped."""
+    def fetch(self, key: str, parse: Callable[[dict], T], named: bool = False) -> list[T]:
+        """All live records under key, validated; bad ones are logged and skipped.
+
+        named: the records are stored under their writer's peer id (heartbeats,
+        announcements), so one signing key has one record there, not one per name it
+        makes up (which would count it as many live peers)."""
         assert self.dht is not None
         t0 = time.monotonic()
         with self._lock:
@@ -138,13 +142,13 @@ class SwarmDHT:
         out: list[T] = []
         for subkey, item in found.value.items():
             try:
-                out.append(self._check(subkey, item.value, parse))
+                out.append(self._check(subkey, item.value, parse, named))
             except Malformed as e:
                 log.warning("dropped invalid DHT record under %s: %s", key, e)
         return out
 
     @staticmethod
-    def _check(subkey: object, value: object, parse: Callable[[dict], T]) -> T:
+    def _check(subkey: object, value: object, parse: Callable[[dict], T], named: bool = False) -> T:
         if not isinstance(subkey, bytes) or OWNER_TAG not in subkey:
             raise Malformed("unsigned subkey")
         owner = subkey[subkey.index(OWNER_TAG) :]
@@ -152,6 +156,8 @@ class SwarmDHT:
             raise Malformed(f"value is a {type(value).__name__}, not a map")
         if value.get("peer_id") != peer_id_of(owner):
             raise Malformed(f"peer_id {str(value.get('peer_id'))[:24]!r} is not the signer's")
+        if named and subkey[: subkey.index(OWNER_TAG)] != value["peer_id"].encode():
+            raise Malformed(f"a record of {value['peer_id']} stored under another name")
         return parse(value)
 
     def rejoin(self) -> None:

@@ -13,10 +13,16 @@ and the timing rules built on them (DESIGN.md, "The round protocol", rules 1-2):
 
 All of it may be stale by a heartbeat; it decides whom to wait for, never whether a
 round committed (that comes from the data plane, or outcome.py for a stuck member).
+
+Admission (admission.py): in an admitted run the view keeps only records whose certificate
+admits their peer id, and only announcements and growth-history entries of admitted peers.
+So everything built on it (waiting, leader choice, the majority line, state sources) only
+ever sees admitted peers, and the data plane's allowlist is fed from the same records.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -24,7 +30,9 @@ from dataclasses import dataclass
 
 from peers.config import SwarmConfig
 from peers.dht import SwarmDHT
-from peers.records import Announcement, PeerRecord
+from peers.records import Announcement, HistoryEntry, PeerRecord
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -82,26 +90,52 @@ def finishing_deadline(r: PeerRecord, cfg: SwarmConfig) -> float:
 
 
 class SwarmView:
-    """The latest heartbeat records of the swarm, refreshed in the background."""
+    """The latest heartbeat records of the admitted peers, refreshed in the background.
+
+    `on_refresh` gets the admitted records after every read (the swarm feeds their CURVE
+    keys to the data plane's allowlist)."""
 
     def __init__(
         self,
         dht: SwarmDHT,
         me: str,
         cfg: SwarmConfig,
+        on_refresh: Callable[[list[PeerRecord]], None] | None = None,
         hidden: Callable[[], set[str]] = set,
     ) -> None:
         self.dht, self.me, self.cfg = dht, me, cfg
+        self.policy = cfg.admission
+        self.on_refresh = on_refresh
         self.hidden = hidden  # peers we ignore (banned: blame.py)
         self._records: list[PeerRecord] = []
         self._lock = threading.Lock()
+        self._warned: set[tuple[str, str]] = set()
 
     def refresh(self) -> list[PeerRecord]:
         """Read every peer's record from the DHT now (blocking, bounded by the DHT timeout)."""
-        recs = self.dht.fetch(self.dht.key("peers"), PeerRecord.from_dict)
+        recs = self.dht.fetch(self.dht.key("peers"), PeerRecord.from_dict, named=True)
+        recs = self._admitted(recs)
         with self._lock:
             self._records = recs
+        if self.on_refresh is not None:
+            self.on_refresh(recs)
         return recs
+
+    def _admitted(self, recs: list[PeerRecord]) -> list[PeerRecord]:
+        if self.policy.open:
+            return recs
+        now, out = time.time(), []
+        for r in recs:
+            why = self.policy.why_not(r.peer_id, r.cert, now)
+            if not why:
+                out.append(r)
+            elif (r.peer_id, why) not in self._warned:  # one line per peer and reason
+                if len(self._warned) > 10_000:  # a stranger minting ids must not grow it
+                    self._warned.clear()
+                self._warned.add((r.peer_id, why))
+                who = "our own record" if r.peer_id == self.me else f"peer {r.peer_id}"
+                log.warning("ignoring %s: %s", who, why)
+        return out
 
     def records(self) -> list[PeerRecord]:
         with self._lock:
@@ -124,12 +158,19 @@ class SwarmView:
     def announcements(
         self, epoch: int, step: int, mine: Announcement | None = None
     ) -> dict[str, Announcement]:
+        found = self.dht.fetch(self.announce_key(epoch, step), Announcement.from_dict, named=True)
+        if not self.policy.open:  # a peer we do not admit is not in any round of ours
+            ids = {r.peer_id for r in self.records()}
+            found = [a for a in found if a.peer_id in ids]
         hidden = self.hidden()
-        anns = {
-            a.peer_id: a
-            for a in self.dht.fetch(self.announce_key(epoch, step), Announcement.from_dict)
-            if a.peer_id not in hidden
-        }
+        anns = {a.peer_id: a for a in found if a.peer_id not in hidden}
         if mine is not None:
             anns[mine.peer_id] = mine  # our own write may not be readable yet
         return anns
+
+    def history(self) -> list[HistoryEntry]:
+        """Committed growth events in the DHT, written by admitted peers. An entry carries
+        its writer's certificate: it stays valid after the writer's record is gone."""
+        found = self.dht.fetch(self.dht.key("history"), HistoryEntry.from_dict)
+        now = time.time()
+        return [e for e in found if self.policy.admits(e.peer_id, e.cert, now)]

@@ -11,6 +11,9 @@
 
 Records are signed by hivemind (the subkey carries the owner's RSA key) and the `peer_id` in
 the value must equal `peer_id_of(owner key)`; dht.py checks that binding before from_dict.
+In an admitted run, `PeerRecord.cert` and `HistoryEntry.cert` carry the run owner's
+certificate for that peer id (admission.py); readers check it (progress.py). Since the RSA
+signature covers the whole record, the CURVE keys in it are bound to the admitted id.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from peers.admission import Certificate
 from peers.errors import Malformed
 from peers.schema import (
     opt_info,
@@ -96,9 +100,10 @@ class PeerRecord:
     state_endpoint: str | None = None
     state_curve_key: str | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    cert: Certificate | None = None  # the run owner's admission of peer_id (None: open run)
 
     def to_dict(self) -> dict:
-        d = asdict(self)
+        d = asdict(self)  # (turns cert into its dict too)
         d["lineage"] = [list(x) for x in self.lineage]
         d["round"] = self.round.to_list() if self.round is not None else None
         d["commits"] = list(self.commits)
@@ -140,6 +145,7 @@ class PeerRecord:
             state_endpoint=_opt(d, "state_endpoint", req_endpoint),
             state_curve_key=_opt(d, "state_curve_key", req_curve_key),
             info=opt_info(d),
+            cert=_opt_cert(d),
         )
 
     @property
@@ -195,6 +201,7 @@ class HistoryEntry:
     vote_hash: str
     members: tuple[str, ...]
     peer_id: str  # who wrote it (the round leader)
+    cert: Certificate | None = None  # its admission: the entry outlives its writer's record
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -216,4 +223,9 @@ class HistoryEntry:
             vote_hash=req_hex(d, "vote_hash", 64),
             members=tuple(req_hex({"m": m}, "m", 64) for m in members),
             peer_id=req_hex(d, "peer_id", 64),
+            cert=_opt_cert(d),
         )
+
+
+def _opt_cert(d: dict) -> Certificate | None:
+    return None if d.get("cert") is None else Certificate.from_dict(d["cert"])

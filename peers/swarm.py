@@ -34,6 +34,7 @@ from peers.consensus import tally, vote_hash
 from peers.dht import SwarmDHT
 from peers.errors import Malformed, NeedResync, RoundAborted, RoundFailed
 from peers.group import AllReduceResult, Group, RoundRequest
+from peers.identity import load_or_create
 from peers.lineage import Verdict, verdict
 from peers.mailbox import Mailbox
 from peers.membership import Matchmaker
@@ -71,8 +72,11 @@ class Swarm:
             cfg.initial_peers,
             cfg.dht_timeout_s,
             cfg.rpc_timeout_s,
+            identity=None if cfg.identity_key is None else load_or_create(cfg.identity_key),
         )
         self.peer_id = self.dht.peer_id
+        # Others would ignore us: refuse to start rather than train alone (NotAdmitted).
+        cfg.admission.require(self.peer_id, cfg.cert)
         self._state = (state_endpoint, state_curve_key)
         self._hook = hook
         self._lock = threading.Lock()  # one all_reduce at a time
@@ -92,11 +96,18 @@ class Swarm:
     # ---- lifecycle ----------------------------------------------------------------------
 
     def start(self) -> None:
-        from peers.transport import Transport  # zmq threads only after the DHT has forked
+        from peers.transport import KeyGate, Transport  # zmq threads only after the DHT forked
 
         self.dht.start()
-        self.transport = Transport(
-            self.cfg.host, self.cfg.data_port, self.cfg.announce_host, self.cfg.max_frame_bytes
+        # An admitted run lets only admitted peers' CURVE keys onto the data plane (ZAP),
+        # fed from the view below; a key stays allowed as long as its record lives.
+        gate = None if self.cfg.admission.open else KeyGate(self.cfg.record_ttl_s)
+        self.transport = transport = Transport(
+            self.cfg.host,
+            self.cfg.data_port,
+            self.cfg.announce_host,
+            self.cfg.max_frame_bytes,
+            gate,
         )
         self.transport.start()
         self.me = Member(self.peer_id, self.transport.endpoint, self.transport.curve_key, 0.0)
@@ -106,9 +117,15 @@ class Swarm:
             self.transport, self.cfg.run, self.peer_id, limits, 4 * self.cfg.max_frame_bytes
         )
         # Banned peers (blame.py) vanish from our view: we neither wait for them, nor count
-        # their records in the majority line, nor take state from them.
+        # their records in the majority line, nor take state from them. Peers the run's
+        # owner did not admit are not in it at all (admission.py), and the admitted ones'
+        # CURVE keys are all the data plane lets in.
         self.view = SwarmView(
-            self.dht, self.peer_id, self.cfg, hidden=lambda: self.blame.banned(self._step)
+            self.dht,
+            self.peer_id,
+            self.cfg,
+            on_refresh=lambda recs: transport.allow(r.curve_key for r in recs),
+            hidden=lambda: self.blame.banned(self._step),
         )
         self.matchmaker = Matchmaker(
             self.cfg,
@@ -290,6 +307,7 @@ class Swarm:
                 vote_hash(vote),
                 tuple(m.peer_id for m in g.members),
                 self.peer_id,
+                self.cfg.cert,
             )
             self.dht.store(
                 self.dht.key("history"), f"{req.epoch}", entry.to_dict(), ttl_s=30 * 24 * 3600.0
@@ -391,7 +409,7 @@ class Swarm:
 
     def growth_history(self) -> list[dict]:
         """Committed growth events from the DHT, oldest epoch first (one per epoch)."""
-        entries = self.dht.fetch(self.dht.key("history"), HistoryEntry.from_dict)
+        entries = self.view.history()  # (admitted writers only)
         by_epoch = {e.arch_epoch: e for e in sorted(entries, key=lambda e: e.peer_id)}
         return [by_epoch[k].to_dict() for k in sorted(by_epoch)]
 
@@ -406,6 +424,11 @@ class Swarm:
     @property
     def dropped_frames(self) -> int:
         return self.transport.dropped
+
+    @property
+    def denied(self) -> int:
+        """Data-plane connections and frames refused because their key is not admitted."""
+        return self.transport.denied
 
     def _my_record(self) -> PeerRecord:
         with self._rec_lock:
@@ -429,6 +452,7 @@ class Swarm:
                 self._state[0],
                 self._state[1],
                 dict(self._info),
+                self.cfg.cert,
             )
 
     def _on_phase(self, g: Group, phase: str) -> None:
@@ -466,9 +490,7 @@ class Swarm:
                 log.warning("swarm view refresh failed: %s", e)
 
     def _publish(self, wait: bool) -> None:
-        # Expiry well past death: stale records are ignored by age (progress.is_live), and
-        # `status` can still show a peer that just died.
-        ttl = 4 * self.cfg.dead_after_s + 10.0
+        ttl = self.cfg.record_ttl_s
         self.dht.store(
             self.dht.key("peers"), self.peer_id, self._my_record().to_dict(), ttl, wait=wait
         )

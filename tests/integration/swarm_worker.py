@@ -8,7 +8,8 @@ without burning the test machine's cores), and prints one JSON line per event on
   {"event": "round", "step", "sha256", "members", "bytes_sent", "bytes_recv", "attempts", ...}
   {"event": "fault", "step", "phase"}     (then hangs until the test kills or stops it)
   {"event": "error", "step", "kind", "msg"}
-  {"event": "done", "dropped"}
+  {"event": "probe", "sent", "to"}       (--probe-s: JOINs sent straight to others' data planes)
+  {"event": "done", "dropped", "denied", "peers", "history"}
 θ_g is simulated by the hash chain: the params_hash of step s is the sha256 of the mean of
 step s-1, so members only agree if every earlier round was bit-identical on all of them.
 """
@@ -27,8 +28,10 @@ import numpy as np
 import torch
 
 from compression.codec import get_codec
+from peers.admission import Certificate, peer_settings
 from peers.errors import NeedResync, RoundFailed
 from peers.lineage import members_at
+from peers.messages import header
 from peers.swarm import Progress, Swarm, SwarmConfig
 
 GROW = {"kind": "experts", "factor": 2, "alpha": 0.0, "seed": 7}
@@ -66,6 +69,27 @@ def inner_phase(swarm: Swarm, seconds: float, weight: float) -> None:
         done = seconds - left
         swarm.report(Progress(tokens=int(1000 * weight * done / seconds), eta_s=left))
         time.sleep(min(left, 0.1))
+
+
+def probe(swarm: Swarm, args: argparse.Namespace) -> None:
+    """What a stranger would do: JOIN every peer's round at step 0 directly (here, from the
+    main thread, before any all_reduce uses the transport)."""
+    sent, to = 0, set()
+    block = get_codec(args.codec).block_size
+    until = time.monotonic() + args.probe_s
+    while time.monotonic() < until:
+        for r in swarm.view.live(fresh=True):
+            if r.peer_id == swarm.peer_id:
+                continue
+            h = header(
+                "JOIN", args.run, 0, 0, 0, swarm.peer_id, endpoint=swarm.me.endpoint,
+                curve_key=swarm.me.curve_key, weight=args.weight, params_hash="init",
+                numel=args.numel, codec=args.codec, block_size=block, vote=None,
+            )  # fmt: skip
+            sent += swarm.transport.send(r.endpoint, r.curve_key, h)
+            to.add(r.peer_id)
+        time.sleep(0.3)
+    emit(event="probe", sent=sent, to=sorted(to))
 
 
 def main() -> None:
@@ -108,6 +132,20 @@ def main() -> None:
         help="on NeedResync adopt the majority's state and go on (default: report and stop)",
     )
     ap.add_argument("--host", default="127.0.0.1", help="interface (a netns address in tests)")
+    ap.add_argument("--run-file", default=None, help="an admitted run's file (admission.py)")
+    ap.add_argument("--key", default=None, help="identity key file")
+    ap.add_argument("--cert", default=None, help="the owner's certificate for our key")
+    ap.add_argument(
+        "--stranger",
+        action="store_true",
+        help="ignore the run file's policy: publish --cert (if any) as it is, read everyone",
+    )
+    ap.add_argument(
+        "--probe-s",
+        type=float,
+        default=0.0,
+        help="before the rounds, send JOINs straight to every peer's data plane for this long",
+    )
     args = ap.parse_args()
     logging.basicConfig(
         level=os.environ.get("SWARM_LOG", "INFO"),
@@ -116,8 +154,19 @@ def main() -> None:
     )
     torch.set_num_threads(1)
 
+    if args.stranger:  # a valid DHT node with its own key, not admitted (or expired)
+        admission = {
+            "identity_key": args.key,
+            "cert": Certificate.load(args.cert) if args.cert else None,
+        }
+    elif args.run_file:
+        admission = peer_settings(args.run, args.run_file, args.key, args.cert, False)
+        del admission["run"]  # (checked against --run)
+    else:
+        admission = {"identity_key": args.key}
     cfg = SwarmConfig(
         run=args.run,
+        **admission,
         initial_peers=tuple(args.join),
         host=args.host,
         matchmaking_s=args.matchmaking_s,
@@ -143,6 +192,8 @@ def main() -> None:
         until = time.monotonic() + 60
         while len(swarm.list_peers()) < args.wait_peers and time.monotonic() < until:
             time.sleep(0.2)
+        if args.probe_s:
+            probe(swarm, args)
         codec = get_codec(args.codec)
         params_hash, epoch, members = "init", 0, 0
         step, lineage = 0, None
@@ -194,7 +245,13 @@ def main() -> None:
             swarm.publish_progress({"step": step, "params_hash": params_hash})
             step += 1
         time.sleep(args.linger)  # let a slower member receive our last COMMIT
-        emit(event="done", dropped=swarm.dropped_frames, history=swarm.growth_history())
+        emit(
+            event="done",
+            dropped=swarm.dropped_frames,
+            denied=swarm.denied,
+            peers=[p["peer_id"] for p in swarm.list_peers()],
+            history=swarm.growth_history(),
+        )
     finally:
         swarm.shutdown()
 

@@ -3,7 +3,9 @@
 Three real peers (hivemind DHT + zmq, one OS process group each); the third joins late
 and must catch up by state transfer. Checked: identical θ_g hash on every peer after
 every shared round, falling loss, `status --json`, a growth event committed by vote,
-and a clean SIGTERM shutdown that leaves no p2pd behind.
+and a clean SIGTERM shutdown that leaves no p2pd behind. The first test is a private run
+(run file, identity keys, certificates: as `diloco-grow demo` sets it up); the second an
+open one.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from diloco_grow.demo import admit_peers
 from diloco_grow.metrics import read_jsonl
 
 CLI = [sys.executable, "-m", "diloco_grow.cli"]
@@ -90,26 +93,27 @@ def test_late_joiner_under_real_timing_growth_status_and_clean_exit(tmp_path, pr
     # --min-peers 2: the bootstrap's first round waits for the second founder however slow
     # its start-up, so both founders begin at step 0 (a later start would make it a joiner).
     common = common_args("--grow", "experts:2@6", "--min-peers", "2")
+    admitted = admit_peers(tmp_path, RUN, 3)  # --run-file, --key, --cert per peer
     outs = [tmp_path / f"peer{i}" for i in range(3)]
     logs = [tmp_path / f"peer{i}.log" for i in range(3)]
-    procs.append(
-        spawn(
-            [*common, "--out-dir", str(outs[0]), "--checkpoint-dir", str(tmp_path / "ckpt0")],
-            logs[0],
-        )
-    )
+    boot = [*common, *admitted[0], "--out-dir", str(outs[0])]
+    procs.append(spawn([*boot, "--checkpoint-dir", str(tmp_path / "ckpt0")], logs[0]))
     maddr = wait_for(lambda: ready_line(logs[0]), 120, "bootstrap ready line", procs)
     assert maddr.startswith("/ip4/127.0.0.1/tcp/")
-    procs.append(spawn([*common, "--join", maddr, "--out-dir", str(outs[1])], logs[1]))
+    procs.append(
+        spawn([*common, *admitted[1], "--join", maddr, "--out-dir", str(outs[1])], logs[1])
+    )
     wait_for(lambda: len(rounds(outs[0])) >= 2, 180, "two rounds on the bootstrap", procs)
     # The late joiner: downloads θ_g mid-round and joins the swarm's next round.
-    procs.append(spawn([*common, "--join", maddr, "--out-dir", str(outs[2])], logs[2]))
+    procs.append(
+        spawn([*common, *admitted[2], "--join", maddr, "--out-dir", str(outs[2])], logs[2])
+    )
     wait_for(lambda: len(rounds(outs[2])) >= 5, 300, "five rounds on the late joiner", procs)
 
     def live_peers() -> list[dict] | None:
         # DHT reads may be partial for a moment; the command itself must always work.
         status = subprocess.run(
-            [*CLI, "status", "--join", maddr, "--run", RUN, "--json"],
+            [*CLI, "status", "--join", maddr, "--run-file", str(tmp_path / "run.json"), "--json"],
             capture_output=True,
             text=True,
             timeout=120,
@@ -187,7 +191,7 @@ def test_target_tokens_slow_peer_does_not_pace_the_swarm(tmp_path, procs):
     """Three peers, one three times slower, agree on tokens per round: the round ends when
     the swarm has them, the slow peer contributes fewer steps with a matching weight."""
     target = 3 * 40 * 1024  # tokens per round: ~40 steps per peer if all were equally fast
-    common = common_args("--target-tokens", str(target), "--max-rounds", "5")
+    common = common_args("--open", "--target-tokens", str(target), "--max-rounds", "5")
     outs = [tmp_path / f"peer{i}" for i in range(3)]
     logs = [tmp_path / f"peer{i}.log" for i in range(3)]
     procs.append(spawn([*common, "--out-dir", str(outs[0])], logs[0]))

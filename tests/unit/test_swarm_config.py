@@ -145,7 +145,18 @@ def test_cli_flags_override_the_run_file(tmp_path, captured) -> None:
     path.write_text(RUN_TOML)
     res = CliRunner().invoke(
         cli.main,
-        ["peer", "--config", str(path), "--round-timeout-s", "45", "--port", "0", "--threads", "1"],
+        [
+            "peer",
+            "--config",
+            str(path),
+            "--round-timeout-s",
+            "45",
+            "--port",
+            "0",
+            "--threads",
+            "1",
+            "--open",
+        ],
     )
     assert res.exit_code == 0, res.output
     opts = captured["opts"]
@@ -154,9 +165,9 @@ def test_cli_flags_override_the_run_file(tmp_path, captured) -> None:
     assert opts.join == ("/ip4/10.0.0.2/tcp/4000/p2p/12D3KooWabc",)
     assert captured["threads"] == 1
     # Without a file: SwarmSection's defaults, not a second set in the CLI.
-    res = CliRunner().invoke(cli.main, ["peer"])
+    res = CliRunner().invoke(cli.main, ["peer", "--open"])
     assert res.exit_code == 0, res.output
-    default = SwarmSection().peer_options()
+    default = SwarmSection(open=True).peer_options()
     assert captured["opts"] == default
 
 
@@ -193,3 +204,49 @@ def test_default_threads_divide_the_cores_among_workers(monkeypatch) -> None:
             set_threads(-1)
     finally:
         torch.set_num_threads(before)
+
+
+def test_peer_and_status_refuse_without_a_run_file_or_open(captured) -> None:
+    for argv in (["peer"], ["status", "--join", "/ip4/127.0.0.1/tcp/1/p2p/12D3KooWx"]):
+        res = CliRunner().invoke(cli.main, argv)
+        assert res.exit_code == 2 and captured == {}
+        assert "--run-file RUN.json" in res.output and "--open" in res.output
+
+
+def test_admission_settings_from_the_swarm_section(tmp_path, captured) -> None:
+    """run init, keygen and admit as the README shows them; then `peer` with the files,
+    given as flags or in [swarm], reaches SwarmConfig with the owner key and certificate."""
+    run, owner, key, cert = (str(tmp_path / n) for n in ("run.json", "o.key", "p.key", "p.cert"))
+    invoke = CliRunner().invoke
+    res = invoke(cli.main, ["run", "init", "--run", "lab", "--owner-key", owner, "--out", run])
+    assert res.exit_code == 0, res.output
+    res = invoke(cli.main, ["keygen", "--key", key])
+    peer_id = res.stdout.strip().splitlines()[-1]
+    assert res.exit_code == 0 and len(peer_id) == 20
+    argv = ["admit", "--owner-key", owner, "--run-file", run, "--peer-id", peer_id]
+    res = invoke(cli.main, [*argv, "--days", "2", "--out", cert])
+    assert res.exit_code == 0 and "admitted" in res.output, res.output
+    res = invoke(cli.main, ["peer", "--run-file", run, "--key", key, "--cert", cert])
+    assert res.exit_code == 0, res.output
+    net = captured["opts"].swarm_config()
+    assert net.run == "lab" and net.cert.peer_id == peer_id and net.owner_key
+    toml = tmp_path / "run.toml"
+    toml.write_text(f'[swarm]\nrun_file = "{run}"\nkey_file = "{key}"\ncert_file = "{cert}"\n')
+    res = invoke(cli.main, ["peer", "--config", str(toml)])
+    assert res.exit_code == 0, res.output
+    assert captured["opts"].swarm_config() == net
+    # Another owner key cannot admit peers to this run.
+    other = str(tmp_path / "other.key")
+    invoke(cli.main, ["run", "init", "--run", "x", "--owner-key", other, "--out", f"{run}.x"])
+    argv = ["admit", "--owner-key", other, "--run-file", run, "--peer-id", peer_id]
+    res = invoke(cli.main, [*argv, "--out", str(tmp_path / "forged.cert")])
+    assert res.exit_code == 2 and "is not the owner key of" in res.output
+
+
+def test_every_command_has_help() -> None:
+    for argv in (
+        [], ["run"], ["run", "init"], ["keygen"], ["admit"], ["peer"], ["status"], ["demo"],
+        ["simulate"], ["export"], ["generate"], ["plot"],
+    ):  # fmt: skip
+        res = CliRunner().invoke(cli.main, [*argv, "--help"])
+        assert res.exit_code == 0 and "Usage:" in res.output, argv
