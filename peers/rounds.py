@@ -7,8 +7,8 @@ member k reduces shard k:
    invalid, non-finite and outlying contributions are left out, weights capped, the rest
    clipped around a robust centre), encodes it ONCE and sends those same bytes to everyone
    (REDUCED, naming the members it left out, who are blamed: blame.py);
-3. every member checks each reduced shard against its own part of it (finite, sane norm),
-   decodes the same P frames, so the result is bit-identical on all members, and sends
+3. every member checks each reduced shard (finite; a size an honest average can have, next
+   to its own part of it and to the other shards: _check_means), decodes the same P frames, so the result is bit-identical on all members, and sends
    DONE to *every* member: a digest of the group as BEGIN described it (members, weights,
    votes) and of every reduced shard;
 4. a member commits when it holds DONE from every member with its own digest. No leader
@@ -56,7 +56,7 @@ from peers.mailbox import Mailbox
 from peers.messages import MAX_CULPRITS, ROUND_KINDS, Member, Msg
 from peers.outcome import ABORT, COMMIT, resolve
 from peers.records import PeerRecord
-from peers.robust import RobustConfig, aggregate, check_reduced
+from peers.robust import RobustConfig, aggregate, cap_weights, check_reduced
 from peers.schema import canonical_bytes
 
 log = logging.getLogger(__name__)
@@ -153,6 +153,7 @@ class RoundRunner:
                 continue
             progress = time.monotonic()
         self._hook("after_reduce", g.step, g)
+        self._check_means(g, mean, bounds, local, codec, i)
         vote = _ballot(g, reduced, rejected)
         marks.append(("decoded", time.monotonic()))
         self._vote(g, i, vote, dones, deadline)
@@ -334,22 +335,48 @@ class RoundRunner:
     def _reduced(
         self, g: Group, msg: Msg, bound: tuple[int, int], local: Encoded, codec: Codec
     ) -> Encoded:
-        """A reducer's shard of the mean, if it fits and is sane next to our own part of it
-        (robust.check_reduced); anything else aborts the round, blaming the reducer."""
+        """A reducer's shard of the mean, if it fits and decodes to finite values; anything
+        else aborts the round, blaming the reducer. (Its size is judged once all shards
+        are in: _check_means.)"""
         assert msg.enc is not None
         try:
             check_shard(msg.enc, bound, local)
-            why = check_reduced(
-                codec.decode(msg.enc).view(-1),
-                codec.decode(local.slice(*bound)).view(-1),
-                self.robust,
-            )
-            if why is not None:
-                raise Malformed(why)
+            if not torch.isfinite(codec.decode(msg.enc)).all():
+                raise Malformed("non-finite values")
         except (Malformed, ValueError, RuntimeError) as e:
             self.mb.transport.dropped += 1
             self._abort(g, f"invalid REDUCED from {msg.sender}: {e}", culprits=[msg.sender])
         return msg.enc
+
+    def _check_means(
+        self,
+        g: Group,
+        mean: torch.Tensor,
+        bounds: list[tuple[int, int]],
+        local: Encoded,
+        codec: Codec,
+        i: int,
+    ) -> None:
+        """Before voting: is every reducer's shard of the mean a size an honest average can
+        have? A shard fails when it is far larger than our own part of it (scaled by how
+        many tokens the heaviest member brought against ours: a member that trained little
+        has a small Δ) *and*, with three or more shards, far larger per element than the
+        median shard. Either reference alone misfires on honest rounds: a late member's
+        tiny Δ, or layers with different scales."""
+        n = len(g.members)
+        weights = cap_weights([m.weight for m in g.members], self.robust.weight_cap)
+        scale = max(weights) / max(weights[i], 1e-30)
+        rms = [float(mean[lo:hi].pow(2).mean().sqrt()) if hi > lo else 0.0 for lo, hi in bounds]
+        typical = sorted(rms)[(n - 1) // 2]
+        for k, (lo, hi) in enumerate(bounds):
+            if k == i or hi <= lo:
+                continue  # our own shard we reduced ourselves
+            own = codec.decode(local.slice(lo, hi)).view(-1) * scale
+            why = check_reduced(mean[lo:hi], own, self.robust)
+            if why is not None and (n < 3 or rms[k] > self.robust.max_mean_ratio * typical):
+                self.mb.transport.dropped += 1
+                culprit = g.members[k].peer_id
+                self._abort(g, f"reduced shard from {culprit} is insane: {why}", [culprit])
 
     def _offend(self, g: Group, peer_id: str, what: str, own: bool) -> None:
         self.blame.offend(Offence(peer_id, g.epoch, g.step, what, own))
