@@ -19,14 +19,15 @@ makes the member the whole mean. `aggregate` bounds what a minority can do:
    move the result by at most about α·τ per iteration, whatever they send.
 
 With 1 or 2 finite contributions there is no majority to trust: any norm or distance rule
-would let one member veto the other (a zero vector would get the honest one rejected), so
-only steps 1 and 2 apply and the result is their weighted mean. Members defend themselves
-with `check_reduced` (a reduced shard far larger than their own contribution), which also
-catches a lying reducer at any P.
+would let one member veto the other (a zero vector would get the honest one rejected), and
+so would a weight cap (nobody can tell whether the heavier member inflates or the lighter
+one just joined with a few steps: capping made an honest late joiner's few steps count a
+quarter of a full phase). Only step 1 applies, and the result is the weighted mean.
+Members defend themselves with `check_reduced` (a reduced shard far larger than their own
+contribution), which also catches a lying reducer at any P.
 
 Medians of scalars (weights, norms, distances) are the *lower* median: with an even count
-it is the smaller middle value, which an inflating member cannot raise. With two members
-the larger weight therefore counts at most `weight_cap` × the smaller. The coordinate-wise
+it is the smaller middle value, which an inflating member cannot raise. The coordinate-wise
 center takes the mean of the two middle values (the symmetric median), so it is unbiased.
 
 Honest DiLoCo pseudo-gradients are similar in norm and direction, so nobody is clipped and
@@ -173,7 +174,7 @@ def aggregate(
     capped_list = cap_weights([float(weights[i]) for i in kept], cfg.weight_cap)
     capped = dict(zip(kept, capped_list, strict=True))
     if len(kept) < MIN_ROBUST:
-        xs, ws = [parts[i] for i in kept], [capped[i] for i in kept]
+        xs, ws = [parts[i] for i in kept], [float(weights[i]) for i in kept]
         return Aggregate(_finite(plain_mean(xs, ws)), tuple(rejected), ())
 
     # 3a. Norm outliers.

@@ -7,10 +7,11 @@ member k reduces shard k:
    invalid, non-finite and outlying contributions are left out, weights capped, the rest
    clipped around a robust centre), encodes it ONCE and sends those same bytes to everyone
    (REDUCED, naming the members it left out, who are blamed: blame.py);
-3. every member checks each reduced shard (finite; a size an honest average can have, next
-   to its own part of it and to the other shards: _check_means), decodes the same P frames, so the result is bit-identical on all members, and sends
-   DONE to *every* member: a digest of the group as BEGIN described it (members, weights,
-   votes) and of every reduced shard;
+3. every member checks each reduced shard (finite; a size an honest average can have,
+   next to its own part of it and to the other shards: _check_means), decodes the same P
+   frames, so the result is bit-identical on all members, and sends DONE to *every*
+   member: a digest of the group as BEGIN described it (members, weights, votes) and of
+   every reduced shard;
 4. a member commits when it holds DONE from every member with its own digest. No leader
    decides, so no leader can commit after a follower gave up, and a stalled member cannot
    half-apply a round: the commit point is "all P votes cast", the same fact for everyone.
@@ -56,7 +57,7 @@ from peers.mailbox import Mailbox
 from peers.messages import MAX_CULPRITS, ROUND_KINDS, Member, Msg
 from peers.outcome import ABORT, COMMIT, resolve
 from peers.records import PeerRecord
-from peers.robust import RobustConfig, aggregate, cap_weights, check_reduced
+from peers.robust import RobustConfig, aggregate, check_reduced
 from peers.schema import canonical_bytes
 
 log = logging.getLogger(__name__)
@@ -364,7 +365,8 @@ class RoundRunner:
         median shard. Either reference alone misfires on honest rounds: a late member's
         tiny Δ, or layers with different scales."""
         n = len(g.members)
-        weights = cap_weights([m.weight for m in g.members], self.robust.weight_cap)
+        # Raw weights: a Δ grows with the steps behind it, capped or not.
+        weights = [m.weight for m in g.members]
         scale = max(weights) / max(weights[i], 1e-30)
         rms = [float(mean[lo:hi].pow(2).mean().sqrt()) if hi > lo else 0.0 for lo, hi in bounds]
         typical = sorted(rms)[(n - 1) // 2]

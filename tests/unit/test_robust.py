@@ -172,12 +172,15 @@ def test_one_member():
     assert torch.equal(out.mean, torch.zeros(N)) and out.rejected == ((0, "non-finite"),)
 
 
-def test_two_members_only_finiteness_and_the_weight_cap_apply():
+def test_two_members_only_finiteness_applies():
     a, b = torch.randn(N), torch.randn(N)
-    # No majority: even a sign-flipped 4x vector is averaged (the members' check_reduced
-    # is the defence here), but with its weight capped at 4x the other's.
+    # No majority: even a sign-flipped 4x vector with a huge weight is averaged (the
+    # members' check of the reduced shard is the defence here); an honest late joiner's
+    # few steps keep their small weight.
     out = aggregate([a, -4 * b], [1.0, 1e9], ON)
-    assert torch.equal(out.mean, swarm_formula([a, -4 * b], [1.0, 4.0]))
+    assert torch.equal(out.mean, swarm_formula([a, -4 * b], [1.0, 1e9]))
+    late = aggregate([a, b], [1.0, 60.0], ON)
+    assert torch.equal(late.mean, swarm_formula([a, b], [1.0, 60.0]))
     nan = aggregate([a, torch.full((N,), float("nan"))], [1.0, 1.0], ON)
     assert torch.equal(nan.mean, a) and nan.rejected == ((1, "non-finite"),)
 
