@@ -69,7 +69,7 @@ class Leader:
         # load still proves who it is): ids nobody runs, or a JOIN
         # reusing another peer's id, never get into the group. Its weight and vote are its
         # own word, as in its announcement; every member checks its own entry in BEGIN.
-        asked: dict[str, Announcement] = {}
+        asked: dict[tuple[str, str], Announcement] = {}  # (id, CURVE key) -> its JOIN
         joined: dict[str, Announcement] = {self.me.peer_id: ann}
         grace = min(deadline, time.monotonic() + self.cfg.matchmaking_s)
         expected = {pid for pid, a in anns.items() if a.attempt == attempt}
@@ -84,9 +84,9 @@ class Leader:
             else:  # announcements that became readable since: their JOINs are on the way
                 anns = self.announcements(req, ann)
                 expected |= {pid for pid, a in anns.items() if a.attempt == attempt}
-        if set(asked) - set(joined):
+        if {pid for pid, _ in asked} - set(joined):
             joined.update(_known(asked, self.view.refresh()))  # a newcomer's record
-            for pid in sorted(set(asked) - set(joined)):
+            for pid in sorted({pid for pid, _ in asked} - set(joined)):
                 log.warning("JOIN from %s: no live signed record with its key; ignored", pid)
         for pid in list(joined):  # nor may it contradict its signed announcement
             seen = anns.get(pid)
@@ -168,7 +168,7 @@ class Leader:
         self,
         msg: Msg,
         req: RoundRequest,
-        asked: dict[str, Announcement],
+        asked: dict[tuple[str, str], Announcement],
         joined: dict[str, Announcement],
     ) -> None:
         a: Announcement = msg.body["ann"]
@@ -180,7 +180,7 @@ class Leader:
         elif msg.attempt > attempt:
             # The mailbox already dropped attempt bombs; a modest lead is honest (it
             # retried while we were training), if it comes from a live peer.
-            if _known({a.peer_id: a}, self.view.records()):
+            if _known({(a.peer_id, a.curve_key): a}, self.view.records()):
                 self._tell(joined, "RETRY", attempt=msg.attempt)
                 raise RoundAborted(
                     f"{a.peer_id} is at attempt {msg.attempt}", next_attempt=msg.attempt
@@ -192,12 +192,15 @@ class Leader:
         elif not self.vote_ok(a.vote):
             self.reply(msg, "REJECT", reason="invalid growth vote")
         elif a.peer_id != self.me.peer_id:
-            asked[a.peer_id] = a
+            # Keyed by id *and* key: a JOIN reusing an honest peer's id must not replace
+            # the honest JOIN (only the one whose key matches the id's record counts).
+            asked[(a.peer_id, a.curve_key)] = a
 
     def _others_ready(self, req: RoundRequest, ann: Announcement) -> bool:
         anns = self.announcements(req, ann)
+        out = self.blame.sitting_out(req.epoch, req.step)
         others = at_step(self.view.live(fresh=True), self.me.peer_id, req.epoch, req.step)
-        return any(r.ready or r.peer_id in anns for r in others)
+        return any((r.ready or r.peer_id in anns) and r.peer_id not in out for r in others)
 
     def busy_without_us(self, req: RoundRequest, attempt: int, joined: set[str]) -> bool:
         """Are two live peers outside `joined` in the data phase of one round of our step,
@@ -213,6 +216,7 @@ class Leader:
             and r.round.phase in ("data", "voted", "stuck")
             and r.peer_id not in joined
             and r.peer_id != self.me.peer_id
+            and r.peer_id not in self.blame.sitting_out(req.epoch, req.step)
         )
         return any(n >= 2 for n in rids.values())
 
@@ -234,11 +238,11 @@ class Leader:
                 self._reply_to(a, kind, **body)
 
 
-def _known(asked: dict[str, Announcement], records: list[PeerRecord]) -> dict:
+def _known(asked: dict[tuple[str, str], Announcement], records: list[PeerRecord]) -> dict:
     """The JOINs whose sender has a signed record with the same endpoint and key."""
     recs = {r.peer_id: r for r in records}
     return {
         pid: a
-        for pid, a in asked.items()
+        for (pid, _), a in asked.items()
         if pid in recs and (recs[pid].endpoint, recs[pid].curve_key) == (a.endpoint, a.curve_key)
     }

@@ -128,7 +128,10 @@ class Matchmaker:
             anns = self.announcements(req, ann)
             present = {pid for pid, a in anns.items() if a.attempt >= ann.attempt}
             now = time.time()
-            live = self.view.live(fresh=True)
+            # Peers that sit this step out (blame.py) are not waited for: they announce in
+            # vain, and a culprit's heartbeat must not hold the step back.
+            out = self.blame.sitting_out(req.epoch, req.step)
+            live = [r for r in self.view.live(fresh=True) if r.peer_id not in out]
             peers = at_step(live, self.me.peer_id, req.epoch, req.step)
             missing = [r for r in peers if r.peer_id not in present]
             cap = ready_at + self.cfg.max_wait_s

@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parents[2]
 # and phase timeouts long, as in tests/integration/test_peer_app.py. --min-peers 2: the
 # bootstrap's first round waits for a second peer.
 HONEST_ARGS = [
-    "--preset", "tiny", "--inner-steps", "60",
+    "--open", "--preset", "tiny", "--inner-steps", "60",
     "--heartbeat-s", "0.3", "--matchmaking-s", "0.5", "--phase-timeout-s", "4",
     "--min-peers", "2",
 ]  # fmt: skip

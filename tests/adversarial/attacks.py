@@ -154,8 +154,10 @@ def stall(r: RoundRunner, g: Group, local: Encoded, deadline: float, mode: str =
             if m.peer_id != r.me and hi - lo > local.align:  # one block short: wrong shape
                 r._send(m, "PART", g, payload=pack(local.slice(lo, hi - local.align)), shard=k)
     until = min(deadline, time.monotonic() + 3 * r.phase_timeout_s)
-    while True:  # ignore everything; _next raises on the others' ABORT (or aborts at `until`)
-        r._next(g, until)
+    while True:  # ignore everything; _next raises on the others' ABORT
+        msg, _ = r._next(g, until)
+        if msg is None:
+            r._abort(g, "hostile: gave up")
 
 
 # ---- item 5: a lying leader ---------------------------------------------------------

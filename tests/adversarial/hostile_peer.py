@@ -73,7 +73,16 @@ class HostileLeader(Leader):
 class HostileMatchmaker(Matchmaker):
     def __init__(self, *args: Any, **kw: Any) -> None:
         super().__init__(*args, **kw)
-        self.leader = HostileLeader(self.cfg, self.mb, self.view, self.me)
+        self.leader = HostileLeader(
+            self.cfg,
+            self.mb,
+            self.view,
+            self.me,
+            self.blame,
+            self.vote_ok,
+            self.announcements,
+            self.check_state,
+        )
 
     def form(self, req: RoundRequest, attempt: int, deadline: float, ready_at: float) -> Group:
         s = req.step
