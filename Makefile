@@ -31,6 +31,7 @@ bench-smoke: install
 	$(BIN)/python benchmarks/bench_quality.py --smoke
 	$(BIN)/python benchmarks/bench_growth.py --smoke
 	$(BIN)/python benchmarks/bench_allreduce.py --smoke
+	$(BIN)/python benchmarks/bench_robust.py --smoke
 	$(BIN)/python benchmarks/bench_swarm.py --smoke
 
 lint: install

@@ -8,7 +8,10 @@ makes the member the whole mean. `aggregate` bounds what a minority can do:
 1. A contribution with a NaN or Inf (or a NaN, Inf or negative weight) is rejected.
 2. Weights are capped at `weight_cap` × the median weight, so no member outweighs a few
    honest ones however many tokens it claims. Honest peers differ in speed, so the cap
-   is loose; it is the clipping below that bounds the damage of a capped member.
+   is loose, and the clipping below bounds what the attackers' weight buys only while
+   their capped weight is under half the total: f·weight_cap < P − f, so with the
+   default cap of 4 one attacker who claims a huge weight needs P >= 6 to be outvoted
+   (at P = 4 it holds 4/7 and drags the mean ~3 honest spreads; tests/unit/test_robust.py).
 3. With at least 3 finite contributions, one whose norm exceeds `reject_factor` × the
    median norm is rejected (absurd scales; also keeps the fp32 arithmetic far from
    overflow), and the rest are combined by CenteredClip (Karimireddy et al. 2021, as used
@@ -56,10 +59,12 @@ SORT_NETWORK_MAX = 16  # measured: up to here a min/max network beats torch.sort
 class RobustConfig:
     """How a reducer combines one shard's contributions, and what a member accepts back.
 
-    The defaults leave honest rounds untouched: measured on tiny-preset pseudo-gradients
-    (benchmarks/bench_robust.py), honest norms and distances to the median stay within
-    about 1.5× of their medians, and a peer that trains 4× the median tokens sends a
-    pseudo-gradient of at most about 4× the median norm."""
+    The defaults leave honest rounds untouched. Measured on tiny-preset pseudo-gradients
+    (4 workers, H=30, int8, 8 rounds): every shard's norms lie within 1.08× of their
+    median, distances to the coordinate-wise median within 1.2×, cosine to the mean
+    >= 0.8; benchmarks/bench_robust.py counts no honest rejection or clip. AdamW moves a
+    parameter by about lr per step at most, so a peer that trains 4× the median steps
+    sends at most about 4× the median norm, well under reject_factor."""
 
     enabled: bool = True
     # A member's weight counts at most weight_cap × the median weight: loose enough for
