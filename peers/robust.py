@@ -36,7 +36,7 @@ center takes the mean of the two middle values (the symmetric median), so it is 
 Honest DiLoCo pseudo-gradients are similar in norm and direction, so nobody is clipped and
 the first iteration lands exactly on the weighted mean: when no contribution is clipped,
 `aggregate` returns the plain arithmetic's result bit for bit. `enabled=False` is always
-the plain arithmetic, the one peers/rounds.py `_Accumulator` runs: acc += x_i · w_i/Σw in
+the plain arithmetic the swarm's reducers ran before (rounds.py): acc += x_i · w_i/Σw in
 member order from zeros, or the unweighted mean when Σw = 0. Everything runs in member
 order on one machine (the reducer's), and the result is finite: that is all the swarm
 needs, since every member decodes the reducer's one encoding of it.
@@ -135,7 +135,7 @@ def cap_weights(weights: Sequence[float], cap: float) -> list[float]:
 
 def plain_mean(parts: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
     """The swarm's arithmetic: Σ x_i · (w_i / Σw) in member order from zeros, in fp32;
-    the unweighted mean when Σw = 0. Bit-identical to peers/rounds.py `_Accumulator`."""
+    the unweighted mean when Σw = 0. Bit-identical to the reducers' arithmetic before robust.py."""
     total = float(sum(weights))
     acc = torch.zeros(parts[0].numel(), dtype=torch.float32)
     for x, w in zip(parts, weights, strict=True):
