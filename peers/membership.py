@@ -60,13 +60,17 @@ class Matchmaker:
         self.leader = Leader(cfg, mb, view, me, blame, vote_ok, self.announcements, check_state)
 
     def announcements(
-        self, req: RoundRequest, mine: Announcement | None = None
+        self, req: RoundRequest, mine: Announcement | None = None, bounded: bool = True
     ) -> dict[str, Announcement]:
         """The announcements that count for our step: not from peers sitting it out
-        (blame.py), not at an attempt far beyond ours or the swarm's (an attempt bomb)."""
+        (blame.py), not at an attempt far beyond ours or the swarm's (an attempt bomb; with
+        bounded=False those are kept: such a peer did announce, we just do not follow it)."""
         anns = self.view.announcements(req.epoch, req.step, mine)
         out = self.blame.sitting_out(req.epoch, req.step)
         anns = {pid: a for pid, a in anns.items() if pid not in out}
+        return anns if not bounded else self._below_ceiling(anns)
+
+    def _below_ceiling(self, anns: dict[str, Announcement]) -> dict[str, Announcement]:
         ceiling = attempt_ceiling(self.mb.scope[2], [a.attempt for a in anns.values()])
         return {pid: a for pid, a in anns.items() if a.attempt <= ceiling}
 
@@ -125,8 +129,10 @@ class Matchmaker:
         Returns them and whether every live peer of our step announced (`complete`)."""
         poll = min(0.1, self.cfg.heartbeat_s / 4)
         while True:
-            anns = self.announcements(req, ann)
-            present = {pid for pid, a in anns.items() if a.attempt >= ann.attempt}
+            every = self.announcements(req, ann, bounded=False)
+            anns = self._below_ceiling(every)
+            # An attempt bomber did announce: it is not waited for, only not followed.
+            present = {pid for pid, a in every.items() if a.attempt >= ann.attempt}
             now = time.time()
             # Peers that sit this step out (blame.py) are not waited for: they announce in
             # vain, and a culprit's heartbeat must not hold the step back.
