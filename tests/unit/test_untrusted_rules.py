@@ -125,3 +125,24 @@ def test_done_abort_and_reduced_fields_are_validated():
     assert _parse("ABORT", reason="x")["culprits"] == []  # optional
     with pytest.raises(Malformed, match="culprits"):
         _parse("ABORT", reason="x", culprits=[B] * 100)
+
+
+# ---- who may join ---------------------------------------------------------------------------
+
+
+def test_only_joins_matching_a_signed_record_count_and_a_forged_id_cannot_replace_one():
+    from peers.leader import _known
+    from peers.records import Announcement, PeerRecord
+
+    def ann(pid: str, key: str) -> Announcement:
+        return Announcement(pid, "tcp://127.0.0.1:5000", key, 0, 1.0, "h", 10, "int8", 128)
+
+    rec = PeerRecord(
+        A, "tcp://127.0.0.1:5000", KEY, 0, 0, "h", ((0, "h", 0),), 0, 0.0, 0.0, True, False,
+        None, (), 0.0,
+    )  # fmt: skip
+    honest, forged = ann(A, KEY), ann(A, "y" * 40)  # the same id, the attacker's key
+    invented = ann(B, "z" * 40)  # an id nobody runs
+    asked = {(a.peer_id, a.curve_key): a for a in (honest, forged, invented)}
+    assert _known(asked, [rec]) == {A: honest}
+    assert _known({(A, forged.curve_key): forged}, [rec]) == {}
