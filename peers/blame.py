@@ -36,6 +36,7 @@ class Offence:
     step: int
     what: str
     own: bool  # our own evidence (True) or another member's word (False)
+    ban: bool = False  # signed proof of malice no honest peer can produce: ban at once
 
 
 class Blame:
@@ -54,6 +55,8 @@ class Blame:
             self._offend(o)
 
     def _offend(self, o: Offence) -> None:
+        if o.ban and self._banned_until.get(o.peer_id, -1) > o.step:
+            return  # banned already (the same signed record, read again)
         if o.peer_id in self._sit_out[(o.epoch, o.step)] and not o.own:
             return  # already sitting out; hearsay adds nothing
         self.log = [*self.log[-255:], o]
@@ -66,6 +69,10 @@ class Blame:
             "own" if o.own else "hearsay",
         )
         if not o.own:
+            return
+        if o.ban:
+            self._banned_until[o.peer_id] = o.step + self.ban_steps
+            log.warning("banned peer=%s until step %d", o.peer_id, o.step + self.ban_steps)
             return
         # Strikes count distinct steps: one bad round that aborts several times is one strike.
         self._strikes[o.peer_id].add((o.epoch, o.step))

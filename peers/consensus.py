@@ -75,6 +75,10 @@ def leader_rank(run: str, epoch: int, step: int, attempt: int, peer_id: str) -> 
 # record at attempt 2^20 is an attack (everyone would jump past the schema's limit, then
 # see only themselves) and is ignored, not followed.
 MAX_ATTEMPT_LEAP = 8
+# Honest attempts grow by one per failed try, a few seconds each, and a round gives up
+# after round_timeout_s: an announcement this far past the ceiling is signed proof of an
+# attack (blame.py bans it at once), not a peer that retried more than we did.
+BOMB_MARGIN = 1 << 10
 
 
 def attempt_ceiling(mine: int, attempts: Sequence[int]) -> int:

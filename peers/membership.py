@@ -27,7 +27,13 @@ from typing import NoReturn
 
 from peers.blame import Blame, Offence
 from peers.config import SwarmConfig
-from peers.consensus import MAX_ATTEMPT_LEAP, attempt_ceiling, leader_rank, vote_hash
+from peers.consensus import (
+    BOMB_MARGIN,
+    MAX_ATTEMPT_LEAP,
+    attempt_ceiling,
+    leader_rank,
+    vote_hash,
+)
 from peers.dht import SwarmDHT
 from peers.errors import RoundAborted, RoundFailed
 from peers.group import Group, RoundRequest
@@ -72,6 +78,11 @@ class Matchmaker:
 
     def _below_ceiling(self, anns: dict[str, Announcement]) -> dict[str, Announcement]:
         ceiling = attempt_ceiling(self.mb.scope[2], [a.attempt for a in anns.values()])
+        epoch, step, _ = self.mb.scope
+        for pid, a in anns.items():
+            if a.attempt > ceiling + BOMB_MARGIN:
+                what = f"announced attempt {a.attempt}, the swarm is below {ceiling}"
+                self.blame.offend(Offence(pid, epoch, step, what, own=True, ban=True))
         return {pid: a for pid, a in anns.items() if a.attempt <= ceiling}
 
     def rank(self, req: RoundRequest, attempt: int, peer_id: str) -> bytes:

@@ -146,3 +146,9 @@ def test_only_joins_matching_a_signed_record_count_and_a_forged_id_cannot_replac
     asked = {(a.peer_id, a.curve_key): a for a in (honest, forged, invented)}
     assert _known(asked, [rec]) == {A: honest}
     assert _known({(A, forged.curve_key): forged}, [rec]) == {}
+
+
+def test_signed_proof_of_malice_bans_at_once():
+    b = Blame(ban_after=3, ban_steps=10)
+    b.offend(Offence(C, 0, 4, "announced attempt 1048576", own=True, ban=True))
+    assert b.banned(5) == {C} and b.banned(14) == set()
