@@ -293,7 +293,12 @@ def flood(app: PeerApp, step: int) -> None:
     and there is no byte limit: PLAN.flood_count × PLAN.flood_mib MiB land in an honest
     peer's memory while it trains."""
     me = app.swarm.peer_id
-    live = [r for r in app.swarm.view.live(fresh=True) if r.peer_id != me and r.lineage]
+    live: list = []
+    until = time.monotonic() + 60  # a busy machine's DHT read may come back empty at first
+    while not live and time.monotonic() < until:
+        live = [r for r in app.swarm.view.live(fresh=True) if r.peer_id != me and r.lineage]
+        if not live:
+            time.sleep(0.5)
     if not live:
         emit("flood_sent", target=None, seconds=0.0)
         return
