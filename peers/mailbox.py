@@ -14,6 +14,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import replace
 
 from compression.wire import WireLimits
 from peers.consensus import MAX_ATTEMPT_LEAP
@@ -37,6 +38,12 @@ class Mailbox:
         self._pending: deque[Msg] = deque()
         self._pending_bytes = 0
 
+    def bound(self, frame_bytes: int) -> None:
+        """Limit frames (and the early-traffic buffer) to what this round can carry: a
+        shard is at most our whole encoded vector, whatever zmq's static cap allows."""
+        self.limits = replace(self.limits, max_frame_bytes=frame_bytes)
+        self.max_pending_bytes = 4 * frame_bytes
+
     def set_scope(self, epoch: int, step: int, attempt: int) -> None:
         self.scope = (epoch, step, attempt)
         kept: deque[Msg] = deque()
@@ -52,7 +59,10 @@ class Mailbox:
         if m.attempt > attempt + MAX_ATTEMPT_LEAP and (m.epoch, m.step) == (epoch, step):
             return False  # an attempt bomb (consensus.attempt_ceiling): never worth keeping
         if (m.epoch, m.step) != (epoch, step):
-            return (m.epoch, m.step) > (epoch, step)
+            # Only the next step's early traffic is worth keeping (a peer one round ahead;
+            # a growth moves the epoch on too). Frames for step+1000 are a flood: buffered,
+            # they would pin memory until the buffer's byte bound.
+            return m.step == step + 1 and m.epoch in (epoch, epoch + 1)
         # Traffic of an earlier attempt is dead; only a stale JOIN still deserves a RETRY.
         return m.kind == "JOIN" or m.attempt >= attempt
 

@@ -237,6 +237,9 @@ class Swarm:
             vote,
         )
         with self._lock:
+            # Every member's frames have our layout: a shard is at most our whole encoding.
+            whole = local.payload.numel() + 4 * local.scales.numel() + (64 << 10)
+            self.mailbox.bound(min(whole, self.cfg.max_frame_bytes))
             return self._all_reduce(local, req)
 
     def _all_reduce(self, local: Encoded, req: RoundRequest) -> AllReduceResult:
