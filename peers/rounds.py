@@ -134,8 +134,7 @@ class RoundRunner:
             if msg.kind == "PART" and msg.body["shard"] == i and k not in parts:
                 parts[k] = self._part(g, msg, bounds[i], local, codec)
             elif msg.kind == "REDUCED" and msg.body["shard"] == k and k not in reduced:
-                enc = self._reduced(g, msg, bounds[k], local, codec)
-                mean[bounds[k][0] : bounds[k][1]] = codec.decode(enc).view(-1)
+                mean[bounds[k][0] : bounds[k][1]] = self._reduced(g, msg, bounds[k], local, codec)
                 reduced[k], rejected[k] = bytes(msg.payload), msg.body["rejected"]
                 for j in rejected[k]:
                     if j != i and j < n_members:  # the reducer's word: hearsay for us
@@ -335,19 +334,20 @@ class RoundRunner:
 
     def _reduced(
         self, g: Group, msg: Msg, bound: tuple[int, int], local: Encoded, codec: Codec
-    ) -> Encoded:
-        """A reducer's shard of the mean, if it fits and decodes to finite values; anything
-        else aborts the round, blaming the reducer. (Its size is judged once all shards
-        are in: _check_means.)"""
+    ) -> torch.Tensor:
+        """A reducer's shard of the mean, decoded, if it fits and is finite; anything else
+        aborts the round, blaming the reducer. (Its size is judged once all shards are in:
+        _check_means.)"""
         assert msg.enc is not None
         try:
             check_shard(msg.enc, bound, local)
-            if not torch.isfinite(codec.decode(msg.enc)).all():
+            x = codec.decode(msg.enc).view(-1)
+            if not torch.isfinite(x).all():
                 raise Malformed("non-finite values")
         except (Malformed, ValueError, RuntimeError) as e:
             self.mb.transport.dropped += 1
             self._abort(g, f"invalid REDUCED from {msg.sender}: {e}", culprits=[msg.sender])
-        return msg.enc
+        return x
 
     def _check_means(
         self,
