@@ -186,6 +186,15 @@ class AttackRun:
                 os.killpg(p.proc.pid, signal.SIGKILL)
                 p.proc.wait()
 
+    def attack(self, spec: str, *names: str, hostile_opts: tuple[str, ...] = ()) -> int:
+        """Start the swarm with the hostile peer running `spec`, wait for the first of the
+        attacks `names` and the rounds after it, stop everything; the θ_g step attacked."""
+        self.start(spec, *hostile_opts)
+        step = self.wait_attack(*names)["step"]
+        self.wait_rounds_after(step)
+        self.stop()
+        return step
+
     # ---- what the honest peers must keep to ---------------------------------------------------
 
     def violations(self, attack_step: int, *, member_offence: bool) -> list[str]:

@@ -18,10 +18,7 @@ def test_invented_members_cannot_carry_a_growth_vote(tmp_path, procs):
     attacker's own vote that is 7 of 10, past the 2/3 quorum. No honest peer voted, so no
     honest peer may grow, and no invented id may ever be a member."""
     run = AttackRun(tmp_path, procs)
-    run.start("fake_votes@1-1", "--fakes", "6")
-    step = run.wait_attack("fake_votes")["step"]
-    run.wait_rounds_after(step)
-    run.stop()
+    step = run.attack("fake_votes@1-1", "fake_votes", hostile_opts=("--fakes", "6"))
     problems = run.violations(step, member_offence=False)
     assert not problems, run.report(problems)
 
@@ -36,10 +33,7 @@ def test_invented_or_hijacked_joins_cannot_stall_the_swarm(tmp_path, procs, atta
     attacker's key make the leader drop those followers. Honest peers must keep committing
     rounds with every honest peer in them."""
     run = AttackRun(tmp_path, procs)
-    run.start(f"{attack}@1", "--fakes", "6")
-    step = run.wait_attack(attack)["step"]
-    run.wait_rounds_after(step)
-    run.stop()
+    step = run.attack(f"{attack}@1", attack, hostile_opts=("--fakes", "6"))
     problems = run.violations(step, member_offence=False)
     problems += run.kept_out(after_step=step + 1)
     assert not problems, run.report(problems)

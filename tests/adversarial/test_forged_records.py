@@ -17,10 +17,7 @@ def test_record_claiming_step_1e15_takes_no_one_over(tmp_path, procs):
     the hash it claims. Honest peers must not download it (no "adopted ... from" it, no
     step near 10^15), and must keep committing and learning."""
     run = AttackRun(tmp_path, procs)
-    run.start("takeover@1")
-    step = run.wait_attack("takeover")["step"]
-    run.wait_rounds_after(step)
-    run.stop()
+    step = run.attack("takeover@1", "takeover")
     problems = run.violations(step, member_offence=False)
     assert not problems, run.report(problems)
 
@@ -33,9 +30,6 @@ def test_attempt_bomb_does_not_split_or_stall_the_swarm(tmp_path, procs):
     is unreadable everywhere. Honest peers must keep one θ_g per step and keep committing,
     without the attacker."""
     run = AttackRun(tmp_path, procs)
-    run.start("attempt_bomb@1")
-    step = run.wait_attack("attempt_bomb")["step"]
-    run.wait_rounds_after(step)
-    run.stop()
+    step = run.attack("attempt_bomb@1", "attempt_bomb")
     problems = run.violations(step, member_offence=True)
     assert not problems, run.report(problems)

@@ -18,10 +18,7 @@ def test_poisoned_part_and_reduced_shard_are_refused(tmp_path, procs):
     reducer of its own shard sends a REDUCED of the same kind. Honest θ_g must stay finite
     and equal, keep learning, and the attacker must not be a member of later rounds."""
     run = AttackRun(tmp_path, procs)
-    run.start("poison@1,heavy@1,bad_reduce@1")
-    step = run.wait_attack("poison")["step"]
-    run.wait_rounds_after(step)
-    run.stop()
+    step = run.attack("poison@1,heavy@1,bad_reduce@1", "poison")
     problems = run.violations(step, member_offence=True)
     assert not problems, run.report(problems)
 
@@ -33,9 +30,6 @@ def test_member_that_stalls_every_attempt_sits_out_the_retries(tmp_path, procs):
     PARTs, ABORTs at once, or sends a shard one block short, in turn. Each attempt aborts;
     the swarm must retry without it and keep committing."""
     run = AttackRun(tmp_path, procs)
-    run.start("stall@1")
-    step = run.wait_attack("stall")["step"]
-    run.wait_rounds_after(step)
-    run.stop()
+    step = run.attack("stall@1", "stall")
     problems = run.violations(step, member_offence=True)
     assert not problems, run.report(problems)

@@ -21,9 +21,6 @@ def test_leader_that_splits_the_vote_then_orders_resyncs_is_caught(tmp_path, pro
     peers must hold one θ_g per step and never grow, never adopt state from it, keep
     committing, and the attacker must not be a member after its offence."""
     run = AttackRun(tmp_path, procs)
-    run.start("lead@1,split_votes@1-1,resync_all@2")
-    step = run.wait_attack("split_votes", "resync_all")["step"]
-    run.wait_rounds_after(step)
-    run.stop()
+    step = run.attack("lead@1,split_votes@1-1,resync_all@2", "split_votes", "resync_all")
     problems = run.violations(step, member_offence=True)
     assert not problems, run.report(problems)

@@ -64,18 +64,6 @@ def rounds(out: Path) -> list[dict]:
     return read_jsonl(path) if path.exists() else []
 
 
-@pytest.fixture
-def procs():
-    started: list[subprocess.Popen] = []
-    yield started
-    for p in started:  # whatever a failed test left: the whole group, p2pd included
-        try:
-            os.killpg(p.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        p.wait()
-
-
 H = 60  # ~5-8 s of tiny-model training per phase here: >= 10x the heartbeat and grace
 FAST = ["--heartbeat-s", "0.3", "--matchmaking-s", "0.5", "--phase-timeout-s", "4"]
 
