@@ -207,6 +207,7 @@ class Leader:
         at our attempt or later? Earlier attempts are ignored: they belong to aborted
         rounds. Two, because a group of one never forms while we are ready, and one record
         claiming a round must not hold the swarm back."""
+        skip = joined | {self.me.peer_id} | self.blame.sitting_out(req.epoch, req.step)
         rids = Counter(
             r.round.rid
             for r in self.view.live(fresh=True)
@@ -214,9 +215,7 @@ class Leader:
             and (r.round.epoch, r.round.step) == (req.epoch, req.step)
             and r.round.attempt >= attempt
             and r.round.phase in ("data", "voted", "stuck")
-            and r.peer_id not in joined
-            and r.peer_id != self.me.peer_id
-            and r.peer_id not in self.blame.sitting_out(req.epoch, req.step)
+            and r.peer_id not in skip
         )
         return any(n >= 2 for n in rids.values())
 
