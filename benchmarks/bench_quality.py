@@ -1,108 +1,271 @@
-"""DiLoCo vs synchronous data-parallel at equal tokens: validation loss vs bytes sent.
+"""Quality sweep: DiLoCo vs synchronous data-parallel at equal tokens, over a grid.
 
-Same model, data streams and total tokens for every arm: sync DP (fp32 gradients
-all-reduced every step) against DiLoCo with M workers for each H × codec. One JSON line
-per run, then a summary line; a plot and a markdown table go to benchmarks/results/.
+Every run trains the same model on the same data streams with the same token budget:
+`--steps` inner steps per worker, `--workers` workers. Sync DP (fp32 gradients
+all-reduced every step, one step over all workers' batches) runs once per `--sync-lr`;
+the best of those is the *tuned* baseline every DiLoCo run is compared with. DiLoCo runs
+once per point of the grid (outer optimizer, outer lr, momentum, outer warmup, inner lr,
+H, codec, workers, seed).
 
-    python benchmarks/bench_quality.py            # full: tens of minutes on 2 cores
-    python benchmarks/bench_quality.py --smoke    # about a minute
+Runs go to a process pool, one torch thread each, as many at once as there are cores
+(`--jobs`), so the grid uses the machine without oversubscribing it. Each finished run
+appends one JSON row to `--results` (default benchmarks/results/quality_sweep.jsonl); a
+rerun skips every run already there, so an interrupted sweep resumes. At the end: one
+JSON line per run on stdout (with its gap to the tuned sync baseline and its bytes ratio),
+a summary line, a markdown table and a Pareto plot (val-loss gap vs bytes-per-worker
+reduction).
+
+    python benchmarks/bench_quality.py --smoke                 # about a minute
+    python benchmarks/bench_quality.py --steps 1200 --H 10 50 --outer-momentum 0.9 0.6
+    python benchmarks/bench_quality.py --steps 25600 --H 256 --codecs int8 --tag target
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import itertools
 import json
+import os
 import sys
 import tempfile
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
-
-import torch
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from diloco_grow.config import config_from_dict  # noqa: E402
-from diloco_grow.data import load_corpus  # noqa: E402
-from diloco_grow.metrics import plot_runs  # noqa: E402
-from diloco_grow.simulate import SimSpec, simulate, train_sync  # noqa: E402
-from diloco_grow.threads import default_threads  # noqa: E402
+# The fields of a run that define it (its key in the results file), in table order.
+SYNC_FIELDS = ("preset", "seq_len", "batch_size", "steps", "workers", "seed", "inner_lr",
+               "inner_warmup")
+DILOCO_FIELDS = SYNC_FIELDS + ("H", "codec", "outer_opt", "outer_lr", "outer_momentum",
+                               "outer_warmup")
 
 
-def run_arm(name: str, base: dict, H: int, codec: str | None, steps: int, workers: int,
-            out: Path, outer_lr: float, threads: int) -> dict:
-    torch.set_num_threads(threads)
-    corpus = load_corpus()
-    d = json.loads(json.dumps(base))
-    d["inner"]["steps"] = H
-    if codec is not None:
-        d["outer"] = {"compression": codec, "lr": outer_lr, "momentum": 0.9,
-                      "error_feedback": codec not in ("none",)}
-    cfg = config_from_dict(d)
-    spec = SimSpec(workers=workers, outer_steps=steps // H, out_dir=str(out / name),
-                   progress=False)
-    s = train_sync(cfg, spec, corpus) if codec is None else simulate(cfg, spec, corpus)
-    return {"run": name, "H": H, "codec": codec or "sync-dp-fp32", "val_loss": s["val_loss"],
-            "bytes_sent_per_worker": s["bytes_sent_per_worker"], "tokens": s["tokens"],
-            "wall_s": s["wall_s"], "metrics": str(out / name / "metrics.jsonl")}
+def run_key(run: dict[str, Any]) -> str:
+    fields = DILOCO_FIELDS if run["arm"] == "diloco" else SYNC_FIELDS
+    blob = json.dumps({"arm": run["arm"], **{k: run[k] for k in fields}}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def run_config(run: dict[str, Any]) -> dict[str, Any]:
+    """The run's config as the TOML/dict form `config_from_dict` reads."""
+    d: dict[str, Any] = {
+        "seed": run["seed"],
+        "model": {"preset": run["preset"], "seq_len": run["seq_len"]},
+        "inner": {"lr": run["inner_lr"], "batch_size": run["batch_size"],
+                  "warmup_steps": run["inner_warmup"], "schedule": "cosine",
+                  "steps": run["H"]},
+        "data": {"val_batches": run["val_batches"]},
+    }
+    if run["arm"] == "diloco":
+        outer = {"compression": run["codec"], "lr": run["outer_lr"],
+                 "momentum": run["outer_momentum"], "error_feedback": run["codec"] != "none"}
+        # Only non-default keys, so a grid that does not use them runs on any config schema.
+        if run["outer_opt"] != "sgd":
+            outer["optimizer"] = run["outer_opt"]
+        if run["outer_warmup"]:
+            outer["warmup_steps"] = run["outer_warmup"]
+        d["outer"] = outer
+    return d
+
+
+def train_one(run: dict[str, Any], work: str) -> dict[str, Any]:
+    """One run in a pool process: one torch thread, no progress bar."""
+    import torch
+
+    from diloco_grow.config import config_from_dict
+    from diloco_grow.simulate import SimSpec, simulate, train_sync
+
+    torch.set_num_threads(1)
+    cfg = config_from_dict(run_config(run))
+    spec = SimSpec(workers=run["workers"], outer_steps=run["steps"] // run["H"],
+                   out_dir=str(Path(work) / run["key"]), progress=False)
+    s = simulate(cfg, spec) if run["arm"] == "diloco" else train_sync(cfg, spec)
+    return {**run, "val_loss": s["val_loss"], "bytes_sent_per_worker": s["bytes_sent_per_worker"],
+            "tokens": s["tokens"], "outer_steps": s["outer_steps"], "wall_s": s["wall_s"]}
+
+
+def grid(args: argparse.Namespace) -> list[dict[str, Any]]:
+    base = {"preset": args.preset, "seq_len": args.seq_len, "batch_size": args.batch_size,
+            "steps": args.steps, "inner_warmup": args.inner_warmup,
+            "val_batches": args.val_batches}
+    runs = []
+    for workers, seed, lr in itertools.product(args.workers, args.seeds, args.sync_lr):
+        # sync evaluates every `chunk` steps: about 50 points per curve
+        runs.append({**base, "arm": "sync", "workers": workers, "seed": seed, "inner_lr": lr,
+                     "H": max(1, args.steps // 50)})
+    axes = itertools.product(args.workers, args.seeds, args.inner_lr, args.H, args.codecs,
+                             args.outer_opt, args.outer_lr, args.outer_momentum,
+                             args.outer_warmup)
+    for workers, seed, ilr, H, codec, opt, olr, mom, owarm in axes:
+        if args.steps // H < 1:
+            continue
+        runs.append({**base, "arm": "diloco", "workers": workers, "seed": seed,
+                     "inner_lr": ilr, "H": H, "codec": codec, "outer_opt": opt,
+                     "outer_lr": olr, "outer_momentum": mom, "outer_warmup": owarm})
+    for r in runs:
+        r["key"] = run_key(r)
+    return runs
+
+
+def read_rows(path: Path) -> dict[str, dict[str, Any]]:
+    rows = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                r = json.loads(line)
+                rows[r["key"]] = r
+    return rows
+
+
+def compare(rows: list[dict[str, Any]]) -> None:
+    """Add each DiLoCo row's gap to the tuned (best-lr) sync run of its budget, in place."""
+    def budget(r: dict[str, Any]) -> tuple:
+        return tuple(r[k] for k in SYNC_FIELDS if k not in ("inner_lr", "inner_warmup"))
+
+    best: dict[tuple, dict[str, Any]] = {}
+    for r in rows:
+        if r["arm"] == "sync" and (budget(r) not in best
+                                   or r["val_loss"] < best[budget(r)]["val_loss"]):
+            best[budget(r)] = r
+    for r in rows:
+        s = best.get(budget(r))
+        if r["arm"] != "diloco" or s is None:
+            continue
+        r["sync_val_loss"] = s["val_loss"]
+        r["sync_lr"] = s["inner_lr"]
+        r["gap_pct"] = 100 * (r["val_loss"] - s["val_loss"]) / s["val_loss"]
+        r["bytes_ratio"] = s["bytes_sent_per_worker"] / max(1, r["bytes_sent_per_worker"])
+
+
+def pareto(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows no other row beats on both axes (smaller gap and more bytes saved)."""
+    pts = sorted((r for r in rows if "gap_pct" in r), key=lambda r: -r["bytes_ratio"])
+    front, best_gap = [], float("inf")
+    for r in pts:
+        if r["gap_pct"] < best_gap:
+            front.append(r)
+            best_gap = r["gap_pct"]
+    return front
+
+
+def plot_pareto(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    codecs = sorted({r["codec"] for r in rows if "gap_pct" in r})
+    for c in codecs:
+        pts = [r for r in rows if r.get("codec") == c and "gap_pct" in r]
+        ax.scatter([r["bytes_ratio"] for r in pts], [r["gap_pct"] for r in pts], label=c, s=18)
+    front = pareto(rows)
+    ax.plot([r["bytes_ratio"] for r in front], [r["gap_pct"] for r in front], "k--", lw=1,
+            label="Pareto front")
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.set_xscale("log")
+    ax.set_xlabel("× fewer bytes per worker than sync DP (fp32 all-reduce)")
+    ax.set_ylabel("val-loss gap to tuned sync DP (%)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    head = ("| workers | steps | H | codec | outer | lr | μ | warm | inner lr | val loss "
+            "| gap to tuned sync | × fewer bytes |")
+    lines = [head, "|---" * 12 + "|"]
+    syncs = [r for r in rows if r["arm"] == "sync"]
+    for s in sorted(syncs, key=lambda r: (r["workers"], r["steps"], r["inner_lr"])):
+        lines.append(f"| {s['workers']} | {s['steps']} | – | sync DP | AdamW | – | – | – | "
+                     f"{s['inner_lr']:g} | {s['val_loss']:.4f} | – | 1 |")
+    dil = [r for r in rows if r["arm"] == "diloco"]
+    for r in sorted(dil, key=lambda r: (r["workers"], r["steps"], r.get("gap_pct", 1e9))):
+        gap = f"{r['gap_pct']:+.2f}%" if "gap_pct" in r else "no sync run"
+        ratio = f"{r['bytes_ratio']:.0f}" if "bytes_ratio" in r else "–"
+        lines.append(f"| {r['workers']} | {r['steps']} | {r['H']} | {r['codec']} | "
+                     f"{r['outer_opt']} | {r['outer_lr']:g} | {r['outer_momentum']:g} | "
+                     f"{r['outer_warmup']} | {r['inner_lr']:g} | {r['val_loss']:.4f} | {gap} | "
+                     f"{ratio} |")
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--smoke", action="store_true", help="tiny budget, finishes in about a minute")
-    ap.add_argument("--steps", type=int, help="inner steps per worker (total budget)")
-    ap.add_argument("--workers", type=int, default=4)
-    ap.add_argument("--H", type=int, nargs="+", help="inner steps per outer step")
-    ap.add_argument("--codecs", nargs="+", default=["none", "int8", "int4"])
-    ap.add_argument("--outer-lr", type=float, default=0.7)
-    ap.add_argument("--inner-lr", type=float, default=2e-3)
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--out", default="benchmarks/results")
-    ap.add_argument("--jobs", type=int, default=2, help="arms run in parallel processes")
-    ap.add_argument("--threads", type=int, default=0,
-                    help="torch threads per arm (0: the cores shared by jobs x workers)")
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--smoke", action="store_true", help="a tiny grid that ends in about a minute")
+    ap.add_argument("--preset", default="tiny", help="model preset (tiny, small, base)")
+    ap.add_argument("--seq-len", type=int, default=32)
+    ap.add_argument("--batch-size", type=int, default=4, help="per worker and step")
+    ap.add_argument("--steps", type=int, default=1200, help="inner steps per worker (budget)")
+    ap.add_argument("--inner-warmup", type=int, default=50)
+    ap.add_argument("--val-batches", type=int, default=16)
+    # grid axes: every combination runs
+    ap.add_argument("--workers", type=int, nargs="+", default=[4])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--sync-lr", type=float, nargs="+", default=[1e-3, 2e-3, 4e-3],
+                    help="sync DP inner lrs; the best is the tuned baseline")
+    ap.add_argument("--inner-lr", type=float, nargs="+", default=[2e-3])
+    ap.add_argument("--H", type=int, nargs="+", default=[50])
+    ap.add_argument("--codecs", nargs="+", default=["int8"])
+    ap.add_argument("--outer-opt", nargs="+", default=["sgd"], help="sgd (Nesterov) or adam")
+    ap.add_argument("--outer-lr", type=float, nargs="+", default=[0.7])
+    ap.add_argument("--outer-momentum", type=float, nargs="+", default=[0.9])
+    ap.add_argument("--outer-warmup", type=int, nargs="+", default=[0],
+                    help="outer steps of linear outer-lr warmup")
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                    help="runs in parallel, one torch thread each")
+    ap.add_argument("--results", default="benchmarks/results/quality_sweep.jsonl",
+                    help="JSONL of finished runs; runs already in it are skipped")
+    ap.add_argument("--tag", default="", help="name of this report's table and plot")
     args = ap.parse_args()
-    steps = args.steps or (40 if args.smoke else 3000)
-    Hs = args.H or ([10, 20] if args.smoke else [50, 250, 1000])
-    codecs = ["int8"] if args.smoke and args.codecs == ["none", "int8", "int4"] else args.codecs
-    base = {"preset": "tiny", "seed": 0,
-            "inner": {"lr": args.inner_lr, "batch_size": args.batch_size, "warmup_steps": 50,
-                      "schedule": "cosine"},
-            "data": {"val_batches": 4 if args.smoke else 16}}
-    out = Path(args.out)
-    work = Path(tempfile.mkdtemp(prefix="bench_quality_"))
-    arms = [("sync", min(Hs), None)] + [(f"diloco_H{H}_{c}", H, c) for H in Hs for c in codecs]
-    # --jobs arms run side by side, each with --workers simulated workers: share the cores.
-    threads = args.threads or default_threads(workers=args.jobs * args.workers)
-    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-        futures = [pool.submit(run_arm, name, base, H, c, steps, args.workers, work,
-                               args.outer_lr, threads) for name, H, c in arms]
-        results = [f.result() for f in futures]  # an arm's failure is a bug: let it raise
-    sync = results[0]
-    print(json.dumps(sync), flush=True)
-    for r in results[1:]:
-        sent = max(1, r["bytes_sent_per_worker"])
-        r["bytes_ratio_vs_sync"] = sync["bytes_sent_per_worker"] / sent
-        r["val_gap_vs_sync_pct"] = 100 * (r["val_loss"] - sync["val_loss"]) / sync["val_loss"]
-        print(json.dumps(r), flush=True)
+    if args.smoke:
+        args.steps, args.H, args.sync_lr, args.val_batches = 40, [10, 20], [2e-3], 2
+        args.results = args.results.replace(".jsonl", "_smoke.jsonl")
+        args.tag = args.tag or "smoke"
 
-    out.mkdir(parents=True, exist_ok=True)
-    tag = "smoke" if args.smoke else "full"
-    plot_runs([r["metrics"] for r in results], out / f"quality_{tag}.png",
-              [r["run"] for r in results])
-    lines = ["| run | H | codec | val loss | bytes/worker | × fewer bytes | gap to sync |",
-             "|---|---|---|---|---|---|---|"]
-    for r in results:
-        lines.append(f"| {r['run']} | {r['H']} | {r['codec']} | {r['val_loss']:.4f} | "
-                     f"{r['bytes_sent_per_worker']:.3g} | {r.get('bytes_ratio_vs_sync', 1):.0f} | "
-                     f"{r.get('val_gap_vs_sync_pct', 0):+.2f}% |")
-    (out / f"quality_{tag}.md").write_text(
-        f"steps/worker={steps} workers={args.workers} tokens={sync['tokens']}\n\n"
-        + "\n".join(lines) + "\n")
-    best = min(results[1:], key=lambda r: r["val_gap_vs_sync_pct"])
-    print(json.dumps({"summary": {"sync_val_loss": sync["val_loss"], "best_run": best["run"],
-                                  "best_gap_pct": best["val_gap_vs_sync_pct"],
-                                  "best_bytes_ratio": best["bytes_ratio_vs_sync"],
-                                  "table": str(out / f'quality_{tag}.md')}}), flush=True)
+    results = Path(args.results)
+    results.parent.mkdir(parents=True, exist_ok=True)
+    done = read_rows(results)
+    runs = grid(args)
+    todo = [r for r in runs if r["key"] not in done]
+    print(f"{len(runs)} runs in the grid, {len(runs) - len(todo)} already in {results}, "
+          f"{len(todo)} to run on {args.jobs} processes", file=sys.stderr, flush=True)
+    work = tempfile.mkdtemp(prefix="bench_quality_")
+    from tqdm import tqdm
+
+    with ProcessPoolExecutor(max_workers=args.jobs) as pool, \
+            open(results, "a") as sink, tqdm(total=len(todo), desc="runs") as bar:
+        futures = [pool.submit(train_one, r, work) for r in todo]
+        for f in as_completed(futures):
+            row = f.result()  # a failed run is a bug: let it raise
+            sink.write(json.dumps(row) + "\n")
+            sink.flush()
+            done[row["key"]] = row
+            bar.update(1)
+
+    rows = [done[r["key"]] for r in runs]
+    compare(rows)
+    for r in rows:
+        print(json.dumps(r), flush=True)
+    tag = f"quality_{args.tag}" if args.tag else results.stem
+    out = results.parent
+    (out / f"{tag}.md").write_text(table(rows))
+    if any("gap_pct" in r for r in rows):
+        plot_pareto(rows, out / f"{tag}.png")
+    dil = [r for r in rows if "gap_pct" in r]
+    best = min(dil, key=lambda r: r["gap_pct"]) if dil else None
+    print(json.dumps({"summary": {
+        "runs": len(rows), "table": str(out / f"{tag}.md"), "plot": str(out / f"{tag}.png"),
+        "best": None if best is None else {k: best[k] for k in DILOCO_FIELDS + (
+            "val_loss", "gap_pct", "bytes_ratio")},
+        "pareto": [{k: r[k] for k in ("H", "codec", "outer_lr", "outer_momentum", "gap_pct",
+                                      "bytes_ratio")} for r in pareto(rows)],
+    }}), flush=True)
 
 
 if __name__ == "__main__":
