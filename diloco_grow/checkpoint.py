@@ -18,7 +18,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from diloco_grow.model import model_config_from_dict
-from diloco_grow.outer import OuterOptimizer
+from diloco_grow.outer import make_outer
 
 FORMAT_VERSION = 1
 
@@ -71,7 +71,7 @@ def atomic_write(path: str | Path, data: bytes) -> None:
         raise
 
 
-# --- the shared (global) part: θ_g, momentum, arch, step, growth history -------------
+# --- the shared (global) part: θ_g, outer optimizer state, arch, step, growth history --
 
 
 def global_tensors_meta(g: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -82,45 +82,51 @@ def global_tensors_meta(g: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]
         "step": g.step,
         "arch_epoch": g.arch_epoch,
         "history": g.history,
-        "outer": {"lr": g.outer.lr, "momentum": g.outer.momentum, "nesterov": g.outer.nesterov},
+        "outer": {"optimizer": g.outer.kind, **g.outer.hparams()},
     }
     return tensors, meta
 
 
 def global_from(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Any:
+    from diloco_grow.config import OuterConfig
     from diloco_grow.worker import GlobalState
 
     try:
         cfg = model_config_from_dict(meta["model_cfg"])
+        # The outer hyperparameters pass the [outer] section's own checks (a served state
+        # is untrusted). A meta written before the optimizer choice has none of the newer
+        # keys: it is sgd, and the missing fields take their defaults.
         o = meta["outer"]
-        outer = OuterOptimizer(float(o["lr"]), float(o["momentum"]), bool(o["nesterov"]))
+        keys = ("optimizer", "lr", "momentum", "nesterov", "beta2", "eps", "warmup_steps")
+        outer = make_outer(OuterConfig(**{k: o[k] for k in keys if k in o}))
         outer.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("outer.")})
         theta = tensors["theta_g"].float()
         g = GlobalState(
             cfg, theta, outer, int(meta["step"]), int(meta["arch_epoch"]), list(meta["history"])
         )
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError) as e:  # ConfigError is a ValueError
         raise CheckpointError(f"state is missing or has a bad field: {e}") from None
     n = sum(p.numel() for p in _shapes(cfg))
     if theta.dim() != 1 or theta.numel() != n:
         raise CheckpointError(f"theta_g has {theta.numel()} elements; architecture needs {n}")
     if not torch.isfinite(theta).all():
         raise CheckpointError("theta_g contains NaN or Inf")
-    buf = outer.buf
-    if buf is not None and (buf.shape != theta.shape or not torch.isfinite(buf).all()):
-        # Served by another peer: a momentum of the wrong shape or with NaN would poison
-        # every later outer step of ours without changing θ_g's hash now.
-        raise CheckpointError(
-            f"outer momentum has shape {tuple(buf.shape)} (θ_g: {tuple(theta.shape)}) "
-            "or is not finite"
-        )
+    for name, buf in outer.buffers().items():
+        # Served by another peer: a buffer of the wrong shape, with NaN, or a negative
+        # second moment (√ of it) would poison every later outer step of ours without
+        # changing θ_g's hash now.
+        if buf.shape != theta.shape or not torch.isfinite(buf).all():
+            raise CheckpointError(
+                f"outer {name} has shape {tuple(buf.shape)} (θ_g: {tuple(theta.shape)}) "
+                "or is not finite"
+            )
+        if name == "second_moment" and (buf < 0).any():
+            raise CheckpointError("outer second_moment has negative entries")
     return g
 
 
-def max_state_bytes(cfg: Any) -> int:
-    """An upper bound on a state blob for this run: θ_g and outer momentum in fp32 at the
-    largest architecture growth can reach, plus room for the header. A joiner takes its
-    download limit from its own config, never from what the server says."""
+def max_params(cfg: Any) -> int:
+    """θ_g's length at the largest architecture growth can reach from `cfg`."""
     import dataclasses as dc
 
     top = dc.replace(
@@ -129,8 +135,15 @@ def max_state_bytes(cfg: Any) -> int:
         top_k=min(cfg.max_experts, cfg.top_k * (cfg.max_experts // cfg.n_experts)),
         n_layers=cfg.max_layers,
     )
-    n = sum(p.numel() for p in _shapes(top))
-    return 2 * 4 * n + (16 << 20)
+    return sum(p.numel() for p in _shapes(top))
+
+
+def max_state_bytes(cfg: Any) -> int:
+    """An upper bound on a state blob for this run: θ_g and the outer optimizer's buffers
+    (at most two: Adam's moments) in fp32 at the largest architecture, plus room for the
+    header. A joiner takes its download limit from its own config, never from what the
+    server says."""
+    return 3 * 4 * max_params(cfg) + (16 << 20)
 
 
 def _shapes(cfg: Any) -> list[torch.Tensor]:

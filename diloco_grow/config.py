@@ -9,6 +9,7 @@ contributions (peers/robust.py owns that section), [swarm] for how a peer joins.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -30,6 +31,9 @@ class ConfigError(ValueError):
 def _check(cond: bool, msg: str) -> None:
     if not cond:
         raise ConfigError(msg)
+
+
+OUTER_OPTIMIZERS = ("sgd", "adam")
 
 
 @dataclass(frozen=True)
@@ -67,11 +71,17 @@ class InnerConfig:
 
 @dataclass(frozen=True)
 class OuterConfig:
-    """The outer Nesterov step on the global parameters and the codec it averages with."""
+    """The outer step on the global parameters and the codec it averages with."""
 
+    # "sgd": momentum (Nesterov if `nesterov`; momentum 0 = plain averaging step);
+    # "adam": Adam on the pseudo-gradient with β1 = momentum, β2 = beta2, ε = eps.
+    optimizer: str = "sgd"
     lr: float = 0.7
     momentum: float = 0.9
-    nesterov: bool = True
+    nesterov: bool = True  # sgd only
+    beta2: float = 0.99  # adam only
+    eps: float = 1e-8  # adam only
+    warmup_steps: int = 0  # lr ramps linearly over the first N outer steps; 0 = off
     compression: str = "int8"
     block_size: int = 256
     error_feedback: bool = True
@@ -79,8 +89,35 @@ class OuterConfig:
     def __post_init__(self) -> None:
         from compression.codec import codec_names
 
-        _check(self.lr > 0, f"outer.lr must be > 0, got {self.lr}")
-        _check(0 <= self.momentum < 1, f"outer.momentum must lie in [0, 1), got {self.momentum}")
+        _check(
+            self.optimizer in OUTER_OPTIMIZERS,
+            f"outer.optimizer must be one of {list(OUTER_OPTIMIZERS)}, got {self.optimizer!r}",
+        )
+        # Finite, too: a checkpoint or a served state is validated through this class.
+        _check(
+            _is_num(self.lr) and math.isfinite(self.lr) and self.lr > 0,
+            f"outer.lr must be a finite number > 0, got {self.lr!r}",
+        )
+        _check(
+            _is_num(self.momentum) and 0 <= self.momentum < 1,
+            f"outer.momentum must lie in [0, 1), got {self.momentum!r}",
+        )
+        _check(
+            isinstance(self.nesterov, bool),
+            f"outer.nesterov must be true or false, got {self.nesterov!r}",
+        )
+        _check(
+            _is_num(self.beta2) and 0 <= self.beta2 < 1,
+            f"outer.beta2 must lie in [0, 1), got {self.beta2!r}",
+        )
+        _check(
+            _is_num(self.eps) and math.isfinite(self.eps) and self.eps > 0,
+            f"outer.eps must be a finite number > 0, got {self.eps!r}",
+        )
+        _check(
+            _is_int(self.warmup_steps) and self.warmup_steps >= 0,
+            f"outer.warmup_steps must be an integer >= 0 (0: off), got {self.warmup_steps!r}",
+        )
         _check(
             self.compression in codec_names(),
             f"outer.compression must be one of {codec_names()}, got {self.compression!r}",

@@ -1,5 +1,5 @@
 """One DiLoCo round, the same for both drivers (simulate and peer): contributions ->
-average -> outer Nesterov step -> sync the workers -> apply a committed growth event.
+average -> outer step -> sync the workers -> apply a committed growth event.
 
 Only the averager differs: `LocalAverager` (every worker in this process) or
 `NetworkAverager` (this peer's one worker, the others over the swarm). A round that fails

@@ -137,7 +137,7 @@ class PeerApp:
         if "max_frame_bytes" not in o.extra_swarm:
             # The largest frame this run can produce: all of θ_g in fp32 (a shard is at
             # most the whole vector) at the largest architecture growth can reach.
-            whole = (ckpt.max_state_bytes(self.cfg.model) - (16 << 20)) // 2 + (1 << 20)
+            whole = 4 * ckpt.max_params(self.cfg.model) + (1 << 20)
             net = dataclasses.replace(net, max_frame_bytes=min(net.max_frame_bytes, whole))
         self.swarm = Swarm(
             net,

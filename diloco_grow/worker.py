@@ -20,6 +20,7 @@ from diloco_grow.outer import (
     assign_flat,
     flatten_params,
     make_codec,
+    make_outer,
     params_hash,
     pseudo_gradient,
 )
@@ -41,19 +42,18 @@ class GlobalState:
     def init(cls, cfg: RunConfig) -> GlobalState:
         torch.manual_seed(cfg.seed)  # every peer starts from the same θ_g
         model = MoETransformer(cfg.model)
-        o = cfg.outer
-        return cls(cfg.model, flatten_params(model), OuterOptimizer(o.lr, o.momentum, o.nesterov))
+        return cls(cfg.model, flatten_params(model), make_outer(cfg.outer))
 
     def hash(self) -> str:
         return params_hash(self.theta)
 
     def outer_step(self, mean_delta: torch.Tensor) -> None:
-        self.outer.step(self.theta, mean_delta)
+        self.outer.step(self.theta, mean_delta, self.step)  # the step index drives warmup
         self.step += 1
 
     def grow(self, event: GrowthEvent) -> torch.Tensor:
-        """Apply a growth event to θ_g and the momentum; returns the flat index map
-        so the workers can remap their own per-parameter state."""
+        """Apply a growth event to θ_g and the outer optimizer's buffers; returns the flat
+        index map so the workers can remap their own per-parameter state."""
         model = MoETransformer(self.model_cfg)
         assign_flat(model, self.theta)
         grown = grow_model(model, event)

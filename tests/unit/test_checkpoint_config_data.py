@@ -59,7 +59,7 @@ def test_checkpoint_roundtrip_and_garbage(tmp_path, corpus):
     from diloco_grow.worker import GlobalState
 
     g = GlobalState.init(small_cfg())
-    g.outer.step(g.theta, torch.full_like(g.theta, 1e-3))
+    g.outer_step(torch.full_like(g.theta, 1e-3))
     tensors, meta = ckpt.global_tensors_meta(g)
     blob = ckpt.pack_state(tensors, meta)
     g2 = ckpt.global_from(*ckpt.unpack_state(blob))

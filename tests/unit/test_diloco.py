@@ -9,7 +9,7 @@ from diloco_grow.config import config_from_dict
 from diloco_grow.data import load_corpus
 from diloco_grow.local_averager import LocalAverager
 from diloco_grow.model import MoETransformer
-from diloco_grow.outer import OuterOptimizer, assign_flat, flatten_params, pseudo_gradient
+from diloco_grow.outer import OuterSGD, assign_flat, flatten_params, pseudo_gradient
 from diloco_grow.simulate import SimSpec, simulate
 from diloco_grow.train import InnerTrainer
 from diloco_grow.worker import GlobalState, Worker
@@ -91,16 +91,16 @@ def test_outer_step_matches_torch_sgd_nesterov():
     theta = torch.randn(1000)
     p = torch.nn.Parameter(theta.clone())
     sgd = torch.optim.SGD([p], lr=0.7, momentum=0.9, nesterov=True)
-    ours = OuterOptimizer(lr=0.7, momentum=0.9, nesterov=True)
-    for _ in range(5):
+    ours = OuterSGD(lr=0.7, momentum=0.9, nesterov=True)
+    for t in range(5):
         delta = torch.randn(1000)
         p.grad = delta.clone()
         sgd.step()
-        ours.step(theta, delta)
+        ours.step(theta, delta, t)
     torch.testing.assert_close(theta, p.detach(), rtol=0, atol=1e-6)
     # and by hand for one step from zero momentum: θ − η(Δ + μΔ)
     t, d = torch.ones(3), torch.tensor([1.0, -2.0, 0.5])
-    OuterOptimizer(0.7, 0.9, True).step(t, d)
+    OuterSGD(0.7, 0.9, True).step(t, d, 0)
     torch.testing.assert_close(t, 1 - 0.7 * (d + 0.9 * d))
 
 
@@ -112,7 +112,7 @@ def test_pseudo_gradient_sign_moves_theta_g_towards_workers():
             q.add_(1.0)  # the worker moved every parameter up by 1
     delta = pseudo_gradient(theta_g, model)
     assert torch.allclose(delta, -torch.ones_like(delta))
-    OuterOptimizer(lr=0.5, momentum=0.0).step(theta_g, delta)
+    OuterSGD(lr=0.5, momentum=0.0).step(theta_g, delta, 0)
     assert torch.allclose(theta_g, flatten_params(model) - 0.5)
 
 
