@@ -26,12 +26,23 @@ FLOAT_DTYPES: dict[str, torch.dtype] = {
 class Layout:
     """How a codec lays elements out in bytes; shared by slicing, concat and wire validation."""
 
-    bits: int  # payload bits per element (int4 packs two elements per byte)
+    bits: int  # payload bits per element (int4 packs two elements per byte); 0: see block_bytes
     scaled: bool  # one fp32 scale per block_size elements
     code_max: float  # largest |code| a payload element decodes to before scaling (caps scales)
     # Smallest non-zero scale: with it, every non-zero product code*scale is a normal float,
     # so decoding never meets denormals (whose flush-to-zero handling differs by machine).
     min_scale: float
+    # Sparse codecs (topk) spend a fixed number of payload bytes on every block, the short
+    # last block included, instead of `bits` per element: byte ranges stay whole blocks, so
+    # slicing at block boundaries is as exact as it is for int8. 0: the payload is per element.
+    block_bytes: int = 0
+
+    def payload_range(self, start: int, end: int, block_size: int) -> tuple[int, int]:
+        """The payload bytes [lo, hi) that hold elements [start, end) (start block-aligned)."""
+        if self.block_bytes:
+            return (start // block_size * self.block_bytes,
+                    -(-end // block_size) * self.block_bytes)
+        return start * self.bits // 8, (end * self.bits + 7) // 8
 
 
 # Blocks whose absmax is below this encode as exact zeros (absolute error < 1e-30, far below
@@ -44,6 +55,8 @@ LAYOUTS: dict[str, Layout] = {
     "int4": Layout(bits=4, scaled=True, code_max=8.0, min_scale=2.0**-110),  # nibble 0 -> -8
     # bitsandbytes' dynamic map lies in [-1, 1]; its smallest non-zero |code| is ~5.5e-7
     "bnb8": Layout(bits=8, scaled=True, code_max=1.0, min_scale=TINY),
+    # 8 one-byte positions + 8 two-bit codes per block (compression/topk.py, K = 8)
+    "topk": Layout(bits=0, scaled=True, code_max=1.0, min_scale=TINY, block_bytes=10),
     "fp16": Layout(bits=16, scaled=False, code_max=0.0, min_scale=0.0),
     "none": Layout(bits=32, scaled=False, code_max=0.0, min_scale=0.0),
 }
@@ -54,13 +67,14 @@ _REGISTRY: dict[str, tuple[str, str]] = {
     "int8": ("compression.int8", "Int8Codec"),
     "int4": ("compression.int4", "Int4Codec"),
     "bnb8": ("compression.bnb", "Bnb8Codec"),
+    "topk": ("compression.topk", "TopkCodec"),
     "fp16": ("compression.passthrough", "Fp16Codec"),
     "none": ("compression.passthrough", "NoneCodec"),
 }
 
 
-def payload_nbytes(codec: str, numel: int) -> int:
-    return (numel * LAYOUTS[codec].bits + 7) // 8
+def payload_nbytes(codec: str, numel: int, block_size: int) -> int:
+    return LAYOUTS[codec].payload_range(0, numel, block_size)[1]
 
 
 def n_scales(codec: str, numel: int, block_size: int) -> int:
@@ -98,9 +112,9 @@ class Encoded:
         if s.dtype != torch.float32 or s.dim() != 1 or not s.is_contiguous():
             raise ValueError("scales must be a 1-D contiguous float32 tensor")
         n = self.numel
-        if p.numel() != payload_nbytes(self.codec, n):
-            raise ValueError(f"payload has {p.numel()} bytes, {self.codec} of {n} needs "
-                             f"{payload_nbytes(self.codec, n)}")
+        want = payload_nbytes(self.codec, n, self.block_size)
+        if p.numel() != want:
+            raise ValueError(f"payload has {p.numel()} bytes, {self.codec} of {n} needs {want}")
         if s.numel() != n_scales(self.codec, n, self.block_size):
             raise ValueError(f"scales has {s.numel()} entries, expected "
                              f"{n_scales(self.codec, n, self.block_size)}")
@@ -115,7 +129,8 @@ class Encoded:
 
     @property
     def align(self) -> int:
-        """Slice boundaries must be multiples of this (a block, and a whole byte for int4)."""
+        """Slice boundaries must be multiples of this (a block, and a whole byte for int4;
+        block_bytes codecs are whole bytes per block)."""
         return math.lcm(self.block_size, 2) if LAYOUTS[self.codec].bits == 4 else self.block_size
 
     def slice(self, start: int, end: int) -> Encoded:
@@ -127,10 +142,10 @@ class Encoded:
         # start == n happens for trailing empty shards (shard_bounds clamps them to numel)
         if (start % a and start != n) or (end % a and end != n):
             raise ValueError(f"slice [{start}, {end}) not aligned to {a} elements")
-        bits = LAYOUTS[self.codec].bits
         if start == end:
             start = end = 0  # an empty range holds no bytes (and no partial block)
-        payload = self.payload[start * bits // 8 : (end * bits + 7) // 8]
+        lo, hi = LAYOUTS[self.codec].payload_range(start, end, self.block_size)
+        payload = self.payload[lo:hi]
         if LAYOUTS[self.codec].scaled:
             scales = self.scales[start // self.block_size : -(-end // self.block_size)]
         else:

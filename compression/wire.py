@@ -3,8 +3,9 @@
 Everything arriving here came from an untrusted peer. `unpack` therefore checks the frame
 size before parsing, parses with msgpack limits (no ext types, bounded lengths and nesting),
 checks every field, and checks that payload and scale lengths are exactly what the declared
-shape and codec need *before* any tensor is allocated. Scales must be finite and inside the
-range that keeps decoding finite and free of denormals. Any problem raises `WireError`
+shape, codec and block size need *before* any tensor is allocated. Scales must be finite and
+inside the range that keeps decoding finite and free of denormals; float payloads must be
+finite and topk positions must be valid (compression/topk.py). Any problem raises `WireError`
 (a ValueError) saying what was wrong; nothing here ever unpickles.
 
 Frame (version 1): {"v": 1, "codec": str, "shape": [int], "dtype": str, "block": int,
@@ -20,6 +21,7 @@ import msgpack
 import numpy as np
 import torch
 
+from compression import topk
 from compression.bnb import BNB_BLOCK_SIZES
 from compression.codec import (
     FLOAT_DTYPES,
@@ -126,7 +128,7 @@ def unpack(data: bytes, limits: WireLimits = WireLimits()) -> Encoded:
     payload_b, scales_b = frame["payload"], frame["scales"]
     if not isinstance(payload_b, bytes) or not isinstance(scales_b, bytes):
         _fail("payload and scales must be msgpack bin")
-    want_p, want_s = payload_nbytes(codec, numel), 4 * n_scales(codec, numel, block)
+    want_p, want_s = payload_nbytes(codec, numel, block), 4 * n_scales(codec, numel, block)
     if len(payload_b) != want_p:
         _fail(f"payload has {len(payload_b)} bytes; {codec} of shape {shape} needs {want_p}")
     if len(scales_b) != want_s:
@@ -134,7 +136,7 @@ def unpack(data: bytes, limits: WireLimits = WireLimits()) -> Encoded:
               f"{block} needs {want_s}")
     # Lengths are now exact and bounded by the frame size: allocating is safe.
     scales = _check_scales(codec, np.frombuffer(scales_b, dtype="<f4"))
-    _check_raw_floats(codec, payload_b)
+    _check_payload(codec, payload_b, numel, block)
     payload = torch.frombuffer(bytearray(payload_b), dtype=torch.uint8) if want_p else (
         torch.empty(0, dtype=torch.uint8))
     try:
@@ -165,6 +167,8 @@ def _check_block(codec: str, block: object, limits: WireLimits) -> int:
         _fail(f"int4 block size must be even, got {block}")
     elif codec == "bnb8" and block not in BNB_BLOCK_SIZES:
         _fail(f"bnb8 block size must be one of {BNB_BLOCK_SIZES}, got {block}")
+    elif codec == "topk" and not topk.K <= block <= topk.MAX_BLOCK:
+        _fail(f"topk block size must lie in [{topk.K}, {topk.MAX_BLOCK}], got {block}")
     return block
 
 
@@ -181,12 +185,18 @@ def _check_scales(codec: str, s: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(s.astype(np.float32))  # copy: native order, writable
 
 
-def _check_raw_floats(codec: str, payload_b: bytes) -> None:
+def _check_payload(codec: str, payload_b: bytes, numel: int, block: int) -> None:
     # Passthrough codecs carry floats directly; NaN/Inf there would poison the average.
     if codec in ("none", "fp16"):
         vals = np.frombuffer(payload_b, dtype="<f4" if codec == "none" else "<f2")
         if not np.isfinite(vals).all():
             _fail(f"{codec} payload contains NaN or Inf")
+    # topk positions must stay inside their blocks and decode the same in any write order.
+    elif codec == "topk":
+        try:
+            topk.check_payload(np.frombuffer(payload_b, dtype=np.uint8), numel, block)
+        except ValueError as e:
+            _fail(str(e))
 
 
 # ---- generic control messages (used by peers/) -------------------------------------------

@@ -126,6 +126,14 @@ class OuterConfig:
             self.block_size >= 2 and self.block_size % 2 == 0,
             f"outer.block_size must be an even number >= 2, got {self.block_size}",
         )
+        if self.compression == "topk":
+            from compression.topk import MAX_BLOCK, K
+
+            _check(
+                K <= self.block_size <= MAX_BLOCK,
+                f"outer.block_size must lie in [{K}, {MAX_BLOCK}] for topk (a position is one "
+                f"byte), got {self.block_size}",
+            )
 
 
 @dataclass(frozen=True)

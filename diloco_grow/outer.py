@@ -21,9 +21,10 @@ if TYPE_CHECKING:
 
 
 def make_codec(name: str, block_size: int) -> Codec:
-    """The configured block size applies to our blockwise codecs; bnb8 keeps its own
-    block and the passthrough codecs have none."""
-    return get_codec(name, block_size if name in ("int8", "int4") else None)
+    """The configured block size applies to our blockwise codecs and to topk (which keeps
+    K = 8 per block, so block 256 sends 1/32 of the entries); bnb8 keeps its own block and
+    the passthrough codecs have none."""
+    return get_codec(name, block_size if name in ("int8", "int4", "topk") else None)
 
 
 def flatten_params(model: nn.Module) -> torch.Tensor:

@@ -87,6 +87,7 @@ def test_atomic_write_leaves_no_temp_files(tmp_path):
         ({"inner": {"lr": -1}}, "inner.lr"),
         ({"inner": {"steps": 0}}, "inner.steps"),
         ({"outer": {"compression": "zip"}}, "outer.compression"),
+        ({"outer": {"compression": "topk", "block_size": 512}}, "outer.block_size"),
         ({"outer": {"momentum": 1.5}}, "outer.momentum"),
         ({"inner": {"bogus": 1}}, "unknown key"),
         ({"preset": "huge"}, "unknown preset"),

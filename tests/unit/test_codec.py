@@ -11,7 +11,7 @@ from compression.codec import Encoded, codec_names, concat, get_codec, shard_bou
 
 FLT_MAX = torch.finfo(torch.float32).max
 QMAX = {"int8": 127, "int4": 7}
-ALL = ["int8", "int4", "bnb8", "fp16", "none"]
+ALL = ["int8", "int4", "topk", "bnb8", "fp16", "none"]
 
 
 def block_absmax(x: torch.Tensor, block: int) -> torch.Tensor:
@@ -113,7 +113,7 @@ def test_non_finite_input_rejected(name):
 @settings(max_examples=15, deadline=None)
 @given(n=st.integers(0, 5000), cuts=st.lists(st.integers(0, 40), min_size=2, max_size=2))
 def test_slice_equals_encoding_of_sub_range(name, n, cuts):
-    codec = get_codec(name, 64 if name in ("int8", "int4", "bnb8") else None)
+    codec = get_codec(name, 64 if name in ("int8", "int4", "topk", "bnb8") else None)
     x = torch.randn(n)
     enc = codec.encode(x)
     a = enc.align
@@ -163,7 +163,7 @@ def test_concat_inverts_sharding(name):
         assert whole.shape == (10_001,)
     with pytest.raises(ValueError):
         concat([])
-    if name in ("int8", "int4"):
+    if name in ("int8", "int4", "topk"):
         with pytest.raises(ValueError, match="multiple"):
             concat([codec.encode(x[:100]), codec.encode(x[100:])])
 
@@ -225,7 +225,7 @@ def test_large_tensors_chunks_and_big_buffers_match_small_path(name):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("name", ["int8", "int4"])
+@pytest.mark.parametrize("name", ["int8", "int4", "topk"])
 def test_cuda_matches_cpu(name):
     codec = get_codec(name)
     x = torch.randn(100_003)
