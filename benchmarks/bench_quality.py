@@ -217,6 +217,8 @@ def main() -> None:
     ap.add_argument("--outer-momentum", type=float, nargs="+", default=[0.9])
     ap.add_argument("--outer-warmup", type=int, nargs="+", default=[0],
                     help="outer steps of linear outer-lr warmup")
+    ap.add_argument("--arms", nargs="+", default=["sync", "diloco"], choices=["sync", "diloco"],
+                    help="which arms of the grid to run (e.g. a sync baseline in another process)")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
                     help="runs in parallel, one torch thread each")
     ap.add_argument("--results", default="benchmarks/results/quality_sweep.jsonl",
@@ -231,7 +233,7 @@ def main() -> None:
     results = Path(args.results)
     results.parent.mkdir(parents=True, exist_ok=True)
     done = read_rows(results)
-    runs = grid(args)
+    runs = [r for r in grid(args) if r["arm"] in args.arms]
     todo = [r for r in runs if r["key"] not in done]
     print(f"{len(runs)} runs in the grid, {len(runs) - len(todo)} already in {results}, "
           f"{len(todo)} to run on {args.jobs} processes", file=sys.stderr, flush=True)
@@ -248,7 +250,8 @@ def main() -> None:
             done[row["key"]] = row
             bar.update(1)
 
-    rows = [done[r["key"]] for r in runs]
+    # The report covers the whole grid that has finished, both arms, whoever ran them.
+    rows = [done[r["key"]] for r in grid(args) if r["key"] in done]
     compare(rows)
     for r in rows:
         print(json.dumps(r), flush=True)

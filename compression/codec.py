@@ -36,6 +36,10 @@ class Layout:
     # last block included, instead of `bits` per element: byte ranges stay whole blocks, so
     # slicing at block boundaries is as exact as it is for int8. 0: the payload is per element.
     block_bytes: int = 0
+    # The codec a reducer encodes the mean with ("": this one). The mean of M sparse
+    # contributions has up to M times their non-zeros; re-encoding it sparse again drops
+    # most of it, and no error-feedback buffer gets that back.
+    reduced_as: str = ""
 
     def payload_range(self, start: int, end: int, block_size: int) -> tuple[int, int]:
         """The payload bytes [lo, hi) that hold elements [start, end) (start block-aligned)."""
@@ -55,8 +59,12 @@ LAYOUTS: dict[str, Layout] = {
     "int4": Layout(bits=4, scaled=True, code_max=8.0, min_scale=2.0**-110),  # nibble 0 -> -8
     # bitsandbytes' dynamic map lies in [-1, 1]; its smallest non-zero |code| is ~5.5e-7
     "bnb8": Layout(bits=8, scaled=True, code_max=1.0, min_scale=TINY),
-    # 8 one-byte positions + 8 two-bit codes per block (compression/topk.py, K = 8)
+    # K one-byte positions + K two-bit codes per block (compression/topk.py): K = 8, 32;
+    # topk_m32 sends topk's bytes, and its reducers send the mean as topk32.
     "topk": Layout(bits=0, scaled=True, code_max=1.0, min_scale=TINY, block_bytes=10),
+    "topk32": Layout(bits=0, scaled=True, code_max=1.0, min_scale=TINY, block_bytes=40),
+    "topk_m32": Layout(bits=0, scaled=True, code_max=1.0, min_scale=TINY, block_bytes=10,
+                       reduced_as="topk32"),
     "fp16": Layout(bits=16, scaled=False, code_max=0.0, min_scale=0.0),
     "none": Layout(bits=32, scaled=False, code_max=0.0, min_scale=0.0),
 }
@@ -68,6 +76,8 @@ _REGISTRY: dict[str, tuple[str, str]] = {
     "int4": ("compression.int4", "Int4Codec"),
     "bnb8": ("compression.bnb", "Bnb8Codec"),
     "topk": ("compression.topk", "TopkCodec"),
+    "topk32": ("compression.topk", "Topk32Codec"),
+    "topk_m32": ("compression.topk", "TopkM32Codec"),
     "fp16": ("compression.passthrough", "Fp16Codec"),
     "none": ("compression.passthrough", "NoneCodec"),
 }
@@ -165,6 +175,11 @@ class Codec(Protocol):
 
 def codec_names() -> list[str]:
     return list(_REGISTRY)
+
+
+def reduced_name(name: str) -> str:
+    """The codec a reducer encodes the mean of `name`-encoded contributions with."""
+    return LAYOUTS[name].reduced_as or name
 
 
 def get_codec(name: str, block_size: int | None = None) -> Codec:

@@ -1,9 +1,13 @@
-"""Block-local top-k with 2-bit values (`topk`, SparseLoCo / DeMo style): 0.4375 bits per element.
+"""Block-local top-k with 2-bit values (SparseLoCo / DeMo style): `topk` at 0.4375 bits per element.
 
-Each block of `block_size` (<= 256) elements sends its K = 8 largest-magnitude entries: K
+Each block of `block_size` (<= 256) elements sends its K largest-magnitude entries: K
 one-byte positions, then K 2-bit codes packed four to a byte, plus the block's absmax as its
-fp32 scale: 10 + 4 bytes per 256 elements, 73x fewer than fp32. It only makes sense with
-error feedback (compression/feedback.py): the dropped entries are not lost, only delayed.
+fp32 scale. `topk` (K = 8): 10 + 4 bytes per 256 elements, 73x fewer than fp32. It only makes
+sense with error feedback (compression/feedback.py): the dropped entries are not lost, only
+delayed -- on the worker. A reducer that re-encodes the mean of M such contributions with K = 8
+drops most of it for good (the mean has up to 8M non-zeros per block), so `topk_m32` sends
+`topk`'s bytes but its reducers send the mean as `topk32` (K = 32, 1.375 bits per element):
+the union of four contributions fits (LAYOUTS[...].reduced_as).
 
 Why a fixed number of bytes per block (LAYOUTS["topk"].block_bytes), even for the short last
 block: byte ranges stay whole blocks, so Encoded.slice / concat / shard_bounds cut it exactly
@@ -46,19 +50,22 @@ import torch
 from compression.blockwise import CHUNK_ELEMS, check_encoded, dtype_name, flat_fp32
 from compression.codec import LAYOUTS, TINY, Encoded
 
-K = 8  # entries sent per block (a multiple of 4: the codes fill whole bytes)
-BLOCK_BYTES = K + K // 4
+# entries sent per block, by codec name (a multiple of 4: the codes fill whole bytes)
+K_OF = {"topk": 8, "topk32": 32, "topk_m32": 8}
+K = K_OF["topk"]
 MAX_BLOCK = 256  # a position must fit one byte
 _CODE_VALUES = np.array([0.5, 1.0, -0.5, -1.0], dtype=np.float32)  # indexed by the 2-bit code
 _SHIFTS = np.array([0, 2, 4, 6], dtype=np.uint8)  # slot 4i+j lives in bits 2j..2j+1 of byte i
 
-if LAYOUTS["topk"].block_bytes != BLOCK_BYTES:  # codec.py cannot import us (import cycle)
-    raise ImportError("LAYOUTS['topk'].block_bytes disagrees with compression/topk.py")
+for _name, _k in K_OF.items():  # codec.py cannot import us (import cycle): check it agrees
+    if LAYOUTS[_name].block_bytes != _k + _k // 4:
+        raise ImportError(f"LAYOUTS[{_name!r}].block_bytes disagrees with compression/topk.py")
 
 
-def check_block(block_size: object) -> int:
-    if not isinstance(block_size, int) or not K <= block_size <= MAX_BLOCK:
-        raise ValueError(f"topk block_size must be an int in [{K}, {MAX_BLOCK}], "
+def check_block(block_size: object, name: str = "topk") -> int:
+    k = K_OF[name]
+    if not isinstance(block_size, int) or not k <= block_size <= MAX_BLOCK:
+        raise ValueError(f"{name} block_size must be an int in [{k}, {MAX_BLOCK}], "
                          f"got {block_size!r}")
     return block_size
 
@@ -68,8 +75,8 @@ def _tiebreak(block: int) -> np.ndarray:
     return (255 - np.arange(block)).astype(np.int64)
 
 
-def _encode_rows(x_RB: np.ndarray, out_RB: np.ndarray, scales_R: np.ndarray) -> None:
-    """Encode whole blocks (rows) into their payload rows and scales."""
+def _encode_rows(x_RB: np.ndarray, out_RB: np.ndarray, scales_R: np.ndarray, K: int) -> None:
+    """Encode whole blocks (rows) into their payload rows and scales, K entries each."""
     key = (x_RB.view(np.int32) & np.int32(0x7FFFFFFF)).astype(np.int64)
     key <<= 8
     key += _tiebreak(x_RB.shape[1])
@@ -100,13 +107,14 @@ def _encode_rows(x_RB: np.ndarray, out_RB: np.ndarray, scales_R: np.ndarray) -> 
     scales_R[:] = scale
 
 
-def check_payload(payload: np.ndarray, numel: int, block_size: int
+def check_payload(payload: np.ndarray, numel: int, block_size: int, name: str = "topk"
                   ) -> tuple[np.ndarray, np.ndarray]:
     """Validate a topk payload (1-D uint8, right length); returns (positions, codes), each
     [n_blocks, K]. Raises ValueError on a position outside its block, positions out of order,
     or a repeated position with a different code."""
+    K = K_OF[name]
     nb = -(-numel // block_size)
-    rows = payload.reshape(nb, BLOCK_BYTES)
+    rows = payload.reshape(nb, K + K // 4)
     idx = rows[:, :K]
     code = ((rows[:, K:, None] >> _SHIFTS) & np.uint8(3)).reshape(nb, K)
     if nb:
@@ -129,37 +137,52 @@ class TopkCodec:
     name: ClassVar[str] = "topk"
 
     def __post_init__(self) -> None:
-        check_block(self.block_size)
+        check_block(self.block_size, self.name)
 
     def encode(self, x: torch.Tensor) -> Encoded:
         flat = flat_fp32(x)
         b = self.block_size
         nfull, tail = divmod(flat.size, b)
         nb = nfull + (tail > 0)
-        payload = np.empty((nb, BLOCK_BYTES), dtype=np.uint8)
+        k = K_OF[self.name]
+        payload = np.empty((nb, k + k // 4), dtype=np.uint8)
         scales = np.empty(nb, dtype=np.float32)
         main = flat[: nfull * b].reshape(nfull, b)
         rows = max(1, CHUNK_ELEMS // b)  # bounds the int64 keys to 8 MB at a time
         for r0 in range(0, nfull, rows):
             r1 = min(nfull, r0 + rows)
-            _encode_rows(main[r0:r1], payload[r0:r1], scales[r0:r1])
+            _encode_rows(main[r0:r1], payload[r0:r1], scales[r0:r1], k)
         if tail:
             # Zero padding sorts after every real element (zeros tie, lower positions win)
             # and is never sent, so the last block matches encoding just these elements.
             padded = np.zeros((1, b), dtype=np.float32)
             padded[0, :tail] = flat[nfull * b :]
-            _encode_rows(padded, payload[nfull:], scales[nfull:])
+            _encode_rows(padded, payload[nfull:], scales[nfull:], k)
         return Encoded(self.name, tuple(x.shape), dtype_name(x), b,
                        torch.from_numpy(payload.reshape(-1)), torch.from_numpy(scales))
 
     def decode(self, enc: Encoded, device: str | torch.device = "cpu") -> torch.Tensor:
         check_encoded(enc, self.name)
-        b = check_block(enc.block_size)
+        b = check_block(enc.block_size, self.name)
         n = enc.numel
-        idx, code = check_payload(enc.payload.numpy(), n, b)
+        idx, code = check_payload(enc.payload.numpy(), n, b, self.name)
         nb = idx.shape[0]
         vals = _CODE_VALUES[code] * enc.scales.numpy()[:, None]  # the one multiply
         out = np.zeros(nb * b, dtype=np.float32)
         pos = idx + (np.arange(nb, dtype=np.int64) * b)[:, None]
         out[pos.reshape(-1)] = vals.reshape(-1)
         return torch.from_numpy(out[:n]).view(enc.shape).to(device)
+
+
+@dataclass(frozen=True)
+class Topk32Codec(TopkCodec):
+    """K = 32 per block: (32 + 8 + 4) bytes per 256 elements, 1.375 bits per element."""
+
+    name: ClassVar[str] = "topk32"
+
+
+@dataclass(frozen=True)
+class TopkM32Codec(TopkCodec):
+    """`topk`'s encoding under its own name, so that rounds encode its mean as `topk32`."""
+
+    name: ClassVar[str] = "topk_m32"

@@ -167,8 +167,9 @@ def _check_block(codec: str, block: object, limits: WireLimits) -> int:
         _fail(f"int4 block size must be even, got {block}")
     elif codec == "bnb8" and block not in BNB_BLOCK_SIZES:
         _fail(f"bnb8 block size must be one of {BNB_BLOCK_SIZES}, got {block}")
-    elif codec == "topk" and not topk.K <= block <= topk.MAX_BLOCK:
-        _fail(f"topk block size must lie in [{topk.K}, {topk.MAX_BLOCK}], got {block}")
+    elif codec in topk.K_OF and not topk.K_OF[codec] <= block <= topk.MAX_BLOCK:
+        _fail(f"{codec} block size must lie in [{topk.K_OF[codec]}, {topk.MAX_BLOCK}], "
+              f"got {block}")
     return block
 
 
@@ -192,9 +193,9 @@ def _check_payload(codec: str, payload_b: bytes, numel: int, block: int) -> None
         if not np.isfinite(vals).all():
             _fail(f"{codec} payload contains NaN or Inf")
     # topk positions must stay inside their blocks and decode the same in any write order.
-    elif codec == "topk":
+    elif codec in topk.K_OF:
         try:
-            topk.check_payload(np.frombuffer(payload_b, dtype=np.uint8), numel, block)
+            topk.check_payload(np.frombuffer(payload_b, dtype=np.uint8), numel, block, codec)
         except ValueError as e:
             _fail(str(e))
 

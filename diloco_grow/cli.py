@@ -9,6 +9,7 @@ from typing import Any
 
 import click
 
+from compression.codec import codec_names
 from diloco_grow.config import ConfigError, SwarmSection, build_config
 
 THREADS_HELP = (
@@ -33,7 +34,7 @@ def main() -> None:
 @click.option("--outer-steps", "-S", default=10, show_default=True, help="Outer steps to run.")
 @click.option("--preset", type=click.Choice(["tiny", "small", "base"]), help="Model preset.")
 @click.option("--config", type=click.Path(dir_okay=False), help="Run TOML file.")
-@click.option("--compression", type=click.Choice(["int8", "int4", "topk", "bnb8", "fp16", "none"]))
+@click.option("--compression", type=click.Choice(codec_names()))
 @click.option("--outer-lr", type=float, help="Outer (Nesterov) learning rate.")
 @click.option("--inner-lr", type=float, help="Inner AdamW peak learning rate.")
 @click.option("--batch-size", type=int, help="Sequences per inner step per worker.")
@@ -178,7 +179,7 @@ OPEN_HELP = "Public run without a run file: every peer is admitted."
 @click.option("--config", type=click.Path(dir_okay=False), help="Run TOML file.")
 @click.option("--data", type=click.Path(exists=True), help="Text file or folder (default: stdlib).")
 @click.option("--inner-steps", "-H", type=int, help="Inner AdamW steps per round.")
-@click.option("--compression", type=click.Choice(["int8", "int4", "topk", "bnb8", "fp16", "none"]))
+@click.option("--compression", type=click.Choice(codec_names()))
 @_swarm_opt("--checkpoint-dir", "Checkpoint folder.", type=click.Path(file_okay=False))
 @_swarm_opt("--out-dir", "Metrics folder.")
 @_swarm_opt("--device", "cpu or cuda.")

@@ -126,13 +126,14 @@ class OuterConfig:
             self.block_size >= 2 and self.block_size % 2 == 0,
             f"outer.block_size must be an even number >= 2, got {self.block_size}",
         )
-        if self.compression == "topk":
-            from compression.topk import MAX_BLOCK, K
+        from compression.codec import reduced_name
+        from compression.topk import K_OF, MAX_BLOCK
 
+        for name in {self.compression, reduced_name(self.compression)} & set(K_OF):
             _check(
-                K <= self.block_size <= MAX_BLOCK,
-                f"outer.block_size must lie in [{K}, {MAX_BLOCK}] for topk (a position is one "
-                f"byte), got {self.block_size}",
+                K_OF[name] <= self.block_size <= MAX_BLOCK,
+                f"outer.block_size must lie in [{K_OF[name]}, {MAX_BLOCK}] for {name} (a "
+                f"position is one byte), got {self.block_size}",
             )
 
 

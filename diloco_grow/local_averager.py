@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 
-from compression.codec import Codec, Encoded, concat, shard_bounds
+from compression.codec import Codec, Encoded, concat, reduced_name, shard_bounds
 from compression.wire import pack
 from diloco_grow.outer import RoundResult, make_codec
 from peers.robust import Aggregate, RobustConfig, aggregate
@@ -29,16 +29,18 @@ def weighted_mean_encoded(
     robust: RobustConfig = RobustConfig(),
 ) -> Encoded:
     """Decode every contribution to fp32, combine them (robustly unless disabled), encode
-    the result once."""
-    return _reduce(shards, weights, make_codec(codec_name, block_size), robust)[0]
+    the result once (with the codec's reduced form: compression.codec.reduced_name)."""
+    mean_codec = make_codec(reduced_name(codec_name), block_size)
+    return _reduce(shards, weights, make_codec(codec_name, block_size), mean_codec, robust)[0]
 
 
 def _reduce(
-    shards: list[Encoded], weights: list[float], codec: Codec, robust: RobustConfig
+    shards: list[Encoded], weights: list[float], codec: Codec, mean_codec: Codec,
+    robust: RobustConfig,
 ) -> tuple[Encoded, Aggregate]:
     parts = [codec.decode(enc).reshape(-1) for enc in shards]
     agg = aggregate(parts, weights, robust)
-    return codec.encode(agg.mean), agg
+    return mean_codec.encode(agg.mean), agg
 
 
 class LocalAverager:
@@ -49,6 +51,7 @@ class LocalAverager:
     ) -> None:
         self.codec_name, self.block_size, self.robust = codec_name, block_size, robust
         self.codec = make_codec(codec_name, block_size)
+        self.mean_codec = make_codec(reduced_name(codec_name), block_size)
         self.bytes_sent_total = 0  # per worker, cumulative
         # The last round's robust verdicts, over all shards: worker -> first reason, and
         # the workers clipped in some shard (simulate logs them per round).
@@ -75,7 +78,7 @@ class LocalAverager:
         self.rejected, self.clipped = {}, set()
         for r, (lo, hi) in enumerate(bounds):  # r: the reducer of this shard
             parts = [e.slice(lo, hi) for e in encs]
-            mean, agg = _reduce(parts, weights, self.codec, self.robust)
+            mean, agg = _reduce(parts, weights, self.codec, self.mean_codec, self.robust)
             for k, why in agg.rejected:
                 self.rejected.setdefault(k, why)
             self.clipped.update(agg.clipped)
@@ -86,7 +89,7 @@ class LocalAverager:
                         sent[w] += len(pack(parts[w]))  # contribution to reducer r
                 sent[r] += (n - 1) * len(pack(mean))  # reduced shard to everybody else
         # Everybody decodes the same bytes, so θ_g stays bit-identical across workers.
-        mean_flat = self.codec.decode(concat(mean_shards)).reshape(-1)
+        mean_flat = self.mean_codec.decode(concat(mean_shards)).reshape(-1)
         per_worker = max(sent)
         self.bytes_sent_total += per_worker
         return RoundResult(

@@ -21,10 +21,11 @@ if TYPE_CHECKING:
 
 
 def make_codec(name: str, block_size: int) -> Codec:
-    """The configured block size applies to our blockwise codecs and to topk (which keeps
-    K = 8 per block, so block 256 sends 1/32 of the entries); bnb8 keeps its own block and
+    """The configured block size applies to our blockwise codecs and to the topk family
+    (K per block: topk keeps 8 of 256, 1/32 of the entries); bnb8 keeps its own block and
     the passthrough codecs have none."""
-    return get_codec(name, block_size if name in ("int8", "int4", "topk") else None)
+    blocked = name in ("int8", "int4") or name.startswith("topk")
+    return get_codec(name, block_size if blocked else None)
 
 
 def flatten_params(model: nn.Module) -> torch.Tensor:

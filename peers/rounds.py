@@ -47,7 +47,7 @@ from typing import NoReturn
 
 import torch
 
-from compression.codec import Codec, Encoded, get_codec, shard_bounds
+from compression.codec import Codec, Encoded, get_codec, reduced_name, shard_bounds
 from compression.wire import pack
 from peers.blame import Blame, Offence
 from peers.consensus import vote_hash
@@ -93,6 +93,9 @@ class RoundRunner:
         n_members, i = len(members), [m.peer_id for m in members].index(self.me)
         bounds = shard_bounds(local.numel, local.align, n_members)
         codec = get_codec(local.codec, local.block_size)
+        # The mean goes out in the codec's reduced form (the same codec, or a denser one
+        # for sparse contributions): encoded once, decoded by everyone.
+        mean_codec = get_codec(reduced_name(local.codec), local.block_size)
         marks = [("start", time.monotonic())]  # phase timeline for the debug log
         for k, m in enumerate(members):
             if k != i:
@@ -110,14 +113,14 @@ class RoundRunner:
         while len(reduced) < n_members:
             if len(parts) == n_members and i not in reduced:
                 marks.append(("parts_in", time.monotonic()))
-                rejected[i], enc = self._reduce(g, parts, codec)
+                rejected[i], enc = self._reduce(g, parts, mean_codec)
                 reduced[i] = pack(enc)  # encoded ONCE; everyone decodes these bytes
                 for k, m in enumerate(members):
                     if k != i:
                         self._send(
                             m, "REDUCED", g, payload=reduced[i], shard=i, rejected=rejected[i]
                         )
-                mean[bounds[i][0] : bounds[i][1]] = codec.decode(enc).view(-1)
+                mean[bounds[i][0] : bounds[i][1]] = mean_codec.decode(enc).view(-1)
                 marks.append(("reduced_sent", time.monotonic()))
                 continue
             msg, k = self._next(g, min(deadline, progress + self.phase_timeout_s))
@@ -134,7 +137,9 @@ class RoundRunner:
             if msg.kind == "PART" and msg.body["shard"] == i and k not in parts:
                 parts[k] = self._part(g, msg, bounds[i], local, codec)
             elif msg.kind == "REDUCED" and msg.body["shard"] == k and k not in reduced:
-                mean[bounds[k][0] : bounds[k][1]] = self._reduced(g, msg, bounds[k], local, codec)
+                mean[bounds[k][0] : bounds[k][1]] = self._reduced(
+                    g, msg, bounds[k], local, mean_codec
+                )
                 reduced[k], rejected[k] = bytes(msg.payload), msg.body["rejected"]
                 for j in rejected[k]:
                     if j != i and j < n_members:  # the reducer's word: hearsay for us
@@ -166,9 +171,9 @@ class RoundRunner:
         return mean.view(local.shape)
 
     def _reduce(
-        self, g: Group, parts: dict[int, torch.Tensor | None], codec: Codec
+        self, g: Group, parts: dict[int, torch.Tensor | None], mean_codec: Codec
     ) -> tuple[list[int], Encoded]:
-        """Our shard's robust mean (robust.py), and the members left out of it."""
+        """Our shard's robust mean (robust.py), encoded, and the members left out of it."""
         n = len(g.members)
         invalid = [k for k in range(n) if parts[k] is None]
         valid = [k for k in range(n) if parts[k] is not None]
@@ -186,7 +191,7 @@ class RoundRunner:
                 g.rid,
                 [g.members[valid[j]].peer_id for j in agg.clipped],
             )
-        return out, codec.encode(agg.mean)
+        return out, mean_codec.encode(agg.mean)
 
     def _vote(self, g: Group, i: int, vote: dict, dones: dict[int, dict], deadline: float) -> None:
         """Send DONE to everyone; return once committed (all DONEs), raise once aborted."""
@@ -335,12 +340,12 @@ class RoundRunner:
     def _reduced(
         self, g: Group, msg: Msg, bound: tuple[int, int], local: Encoded, codec: Codec
     ) -> torch.Tensor:
-        """A reducer's shard of the mean, decoded, if it fits and is finite; anything else
-        aborts the round, blaming the reducer. (Its size is judged once all shards are in:
-        _check_means.)"""
+        """A reducer's shard of the mean (in `codec`, the reduced form), decoded, if it fits
+        and is finite; anything else aborts the round, blaming the reducer. (Its size is
+        judged once all shards are in: _check_means.)"""
         assert msg.enc is not None
         try:
-            check_shard(msg.enc, bound, local)
+            check_shard(msg.enc, bound, local, codec.name)
             x = codec.decode(msg.enc).view(-1)
             if not torch.isfinite(x).all():
                 raise Malformed("non-finite values")
@@ -463,11 +468,13 @@ def _ballot(g: Group, reduced: dict[int, bytes], rejected: dict[int, list[int]])
     return {"digest": digest, "group": group, "shards": shards}
 
 
-def check_shard(enc: Encoded, bound: tuple[int, int], local: Encoded) -> None:
-    """A shard must use our codec and block size and cover exactly [start, end)."""
-    if (enc.codec, enc.block_size) != (local.codec, local.block_size):
-        raise Malformed(
-            f"codec {enc.codec}/{enc.block_size}, expected {local.codec}/{local.block_size}"
-        )
+def check_shard(
+    enc: Encoded, bound: tuple[int, int], local: Encoded, codec: str | None = None
+) -> None:
+    """A shard must use our codec (or `codec`: a mean's reduced form) and block size and
+    cover exactly [start, end)."""
+    want = codec or local.codec
+    if (enc.codec, enc.block_size) != (want, local.block_size):
+        raise Malformed(f"codec {enc.codec}/{enc.block_size}, expected {want}/{local.block_size}")
     if enc.shape != (bound[1] - bound[0],):
         raise Malformed(f"shape {enc.shape}, expected ({bound[1] - bound[0]},)")

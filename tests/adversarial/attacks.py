@@ -108,8 +108,10 @@ def poisoned(enc: Encoded) -> Encoded:
     lay = LAYOUTS[enc.codec]
     if not lay.scaled:
         raise ValueError(f"poison needs a scaled codec, not {enc.codec}")
-    if enc.codec == "topk":  # 0x80 bytes repeat a position with two codes: wire rejects them
-        worst = real_get_codec("topk", enc.block_size).encode(torch.full((enc.numel,), -FLT_MAX))
+    if enc.codec.startswith("topk"):  # 0x80 bytes repeat a position with two codes: refused
+        worst = real_get_codec(enc.codec, enc.block_size).encode(
+            torch.full((enc.numel,), -FLT_MAX)
+        )
         return Encoded(enc.codec, enc.shape, enc.dtype, enc.block_size, worst.payload,
                        worst.scales)
     payload = torch.full_like(enc.payload, 0x80)

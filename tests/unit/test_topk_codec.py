@@ -195,7 +195,8 @@ def test_slices_are_exact_and_concat_restores_the_whole(block, n):
 
 
 def test_layout_registry_and_block_sizes():
-    assert LAYOUTS["topk"].block_bytes == topk.BLOCK_BYTES == 10
+    assert LAYOUTS["topk"].block_bytes == topk.K + topk.K // 4 == 10
+    assert LAYOUTS["topk32"].block_bytes == 40 and LAYOUTS["topk_m32"].reduced_as == "topk32"
     assert get_codec("topk").block_size == 256
     enc = get_codec("topk").encode(torch.randn(1 << 16))
     assert 8 * enc.nbytes / enc.numel == (10 + 4) * 8 / 256  # 0.4375 bits per element
@@ -399,3 +400,27 @@ def test_simulate_two_outer_steps_on_tiny(tmp_path):
     n_params = recs[-1]["n_params"]
     per_round = n_params * 14 / 256 * (2 - 1) / 2 * 2  # two workers: half out, half back
     assert per_round <= recs[-1]["bytes_sent_per_worker"] / 2 <= per_round + 1000
+
+
+def test_topk_m32_reducers_keep_the_union_of_four_contributions():
+    """topk re-encodes the mean of 4 sparse parts with K = 8 and drops most of it;
+    topk_m32 sends the same bytes per contribution, and its mean (topk32, K = 32) has room
+    for every element some contribution sent: only those below a quarter of the block's
+    absmax (where the 2-bit code rounds to 0) are dropped."""
+    g = torch.Generator().manual_seed(5)
+    n, workers = 256 * 64, 4
+    xs = [torch.randn(n, generator=g) for _ in range(workers)]
+    kept = {}
+    for name in ("topk", "topk_m32"):
+        codec = get_codec(name)
+        contribs = [(codec.encode(x), 1.0) for x in xs]
+        assert all(len(pack(e)) == len(pack(contribs[0][0])) for e, _ in contribs)
+        res = LocalAverager(name, 256, RobustConfig(enabled=False)).average(
+            contribs, step=0, params_hash="x")
+        exact = sum(codec.decode(e) for e, _ in contribs) / workers
+        kept[name] = float((res.mean != 0).sum()) / float((exact != 0).sum())
+        if name == "topk_m32":
+            # within the 2-bit rounding of the mean everywhere: scale/4 per element
+            scale = per_block(exact, 256).abs().amax(1, keepdim=True)
+            assert bool(((per_block(res.mean - exact, 256)).abs() <= scale / 4 + 1e-6).all())
+    assert kept["topk_m32"] > 0.9 and kept["topk"] < 0.35
