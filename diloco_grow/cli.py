@@ -35,7 +35,10 @@ def main() -> None:
 @click.option("--preset", type=click.Choice(["tiny", "small", "base"]), help="Model preset.")
 @click.option("--config", type=click.Path(dir_okay=False), help="Run TOML file.")
 @click.option("--compression", type=click.Choice(codec_names()))
-@click.option("--outer-lr", type=float, help="Outer (Nesterov) learning rate.")
+@click.option("--outer-lr", type=float, help="Outer learning rate (default: tuned, see README).")
+@click.option("--outer-momentum", type=float, help="Outer momentum (adam: beta1).")
+@click.option("--outer-optimizer", type=click.Choice(["sgd", "adam"]),
+              help="sgd: Nesterov (momentum 0: FedAvg-style); adam: outer Adam.")
 @click.option("--inner-lr", type=float, help="Inner AdamW peak learning rate.")
 @click.option("--batch-size", type=int, help="Sequences per inner step per worker.")
 @click.option("--data", type=click.Path(exists=True), help="Text file or folder (default: stdlib).")
@@ -58,6 +61,8 @@ def simulate(
     config: str | None,
     compression: str | None,
     outer_lr: float | None,
+    outer_momentum: float | None,
+    outer_optimizer: str | None,
     inner_lr: float | None,
     batch_size: int | None,
     data: str | None,
@@ -85,6 +90,8 @@ def simulate(
                 "inner.steps": inner_steps,
                 "outer.compression": compression,
                 "outer.lr": outer_lr,
+                "outer.momentum": outer_momentum,
+                "outer.optimizer": outer_optimizer,
                 "inner.lr": inner_lr,
                 "inner.batch_size": batch_size,
                 "data.path": data,
