@@ -136,12 +136,20 @@ def compare(rows: list[dict[str, Any]]) -> None:
         r["sync_val_loss"] = s["val_loss"]
         r["sync_lr"] = s["inner_lr"]
         r["gap_pct"] = 100 * (r["val_loss"] - s["val_loss"]) / s["val_loss"]
-        r["bytes_ratio"] = s["bytes_sent_per_worker"] / max(1, r["bytes_sent_per_worker"])
+        if r["bytes_sent_per_worker"] > 0:  # one worker sends nothing: no ratio
+            r["bytes_ratio"] = s["bytes_sent_per_worker"] / r["bytes_sent_per_worker"]
 
 
-def pareto(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Rows no other row beats on both axes (smaller gap and more bytes saved)."""
-    pts = sorted((r for r in rows if "gap_pct" in r), key=lambda r: -r["bytes_ratio"])
+def budgets(rows: list[dict[str, Any]]) -> list[tuple[int, int]]:
+    """(workers, steps) of the DiLoCo rows: a front only compares runs of one budget."""
+    return sorted({(r["workers"], r["steps"]) for r in rows if "bytes_ratio" in r})
+
+
+def pareto(rows: list[dict[str, Any]], budget: tuple[int, int]) -> list[dict[str, Any]]:
+    """Rows of one budget no other row of it beats on both axes (smaller gap and more
+    bytes saved)."""
+    pts = sorted((r for r in rows if "bytes_ratio" in r
+                  and (r["workers"], r["steps"]) == budget), key=lambda r: -r["bytes_ratio"])
     front, best_gap = [], float("inf")
     for r in pts:
         if r["gap_pct"] < best_gap:
@@ -157,13 +165,14 @@ def plot_pareto(rows: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    codecs = sorted({r["codec"] for r in rows if "gap_pct" in r})
+    codecs = sorted({r["codec"] for r in rows if "bytes_ratio" in r})
     for c in codecs:
-        pts = [r for r in rows if r.get("codec") == c and "gap_pct" in r]
+        pts = [r for r in rows if r.get("codec") == c and "bytes_ratio" in r]
         ax.scatter([r["bytes_ratio"] for r in pts], [r["gap_pct"] for r in pts], label=c, s=18)
-    front = pareto(rows)
-    ax.plot([r["bytes_ratio"] for r in front], [r["gap_pct"] for r in front], "k--", lw=1,
-            label="Pareto front")
+    for budget in budgets(rows):
+        front = pareto(rows, budget)
+        ax.plot([r["bytes_ratio"] for r in front], [r["gap_pct"] for r in front], "--", lw=1,
+                label=f"Pareto front, M={budget[0]}, {budget[1]} steps")
     ax.axhline(0, color="grey", lw=0.5)
     ax.set_xscale("log")
     ax.set_xlabel("× fewer bytes per worker than sync DP (fp32 all-reduce)")
@@ -224,6 +233,8 @@ def main() -> None:
     ap.add_argument("--results", default="benchmarks/results/quality_sweep.jsonl",
                     help="JSONL of finished runs; runs already in it are skipped")
     ap.add_argument("--tag", default="", help="name of this report's table and plot")
+    ap.add_argument("--report", action="store_true",
+                    help="run nothing: report every run in --results (all grids merged)")
     args = ap.parse_args()
     if args.smoke:
         args.steps, args.H, args.sync_lr, args.val_batches = 40, [10, 20], [2e-3], 2
@@ -233,7 +244,7 @@ def main() -> None:
     results = Path(args.results)
     results.parent.mkdir(parents=True, exist_ok=True)
     done = read_rows(results)
-    runs = [r for r in grid(args) if r["arm"] in args.arms]
+    runs = [] if args.report else [r for r in grid(args) if r["arm"] in args.arms]
     todo = [r for r in runs if r["key"] not in done]
     print(f"{len(runs)} runs in the grid, {len(runs) - len(todo)} already in {results}, "
           f"{len(todo)} to run on {args.jobs} processes", file=sys.stderr, flush=True)
@@ -250,24 +261,27 @@ def main() -> None:
             done[row["key"]] = row
             bar.update(1)
 
-    # The report covers the whole grid that has finished, both arms, whoever ran them.
-    rows = [done[r["key"]] for r in grid(args) if r["key"] in done]
+    # The report covers the whole grid that has finished, both arms, whoever ran them
+    # (--report: everything in the file).
+    rows = list(done.values()) if args.report else [
+        done[r["key"]] for r in grid(args) if r["key"] in done]
     compare(rows)
     for r in rows:
         print(json.dumps(r), flush=True)
     tag = f"quality_{args.tag}" if args.tag else results.stem
     out = results.parent
     (out / f"{tag}.md").write_text(table(rows))
-    if any("gap_pct" in r for r in rows):
+    if any("bytes_ratio" in r for r in rows):
         plot_pareto(rows, out / f"{tag}.png")
     dil = [r for r in rows if "gap_pct" in r]
     best = min(dil, key=lambda r: r["gap_pct"]) if dil else None
     print(json.dumps({"summary": {
         "runs": len(rows), "table": str(out / f"{tag}.md"), "plot": str(out / f"{tag}.png"),
-        "best": None if best is None else {k: best[k] for k in DILOCO_FIELDS + (
+        "best": None if best is None else {k: best.get(k) for k in DILOCO_FIELDS + (
             "val_loss", "gap_pct", "bytes_ratio")},
-        "pareto": [{k: r[k] for k in ("H", "codec", "outer_lr", "outer_momentum", "gap_pct",
-                                      "bytes_ratio")} for r in pareto(rows)],
+        "pareto": {f"M={b[0]},steps={b[1]}": [
+            {k: r[k] for k in ("H", "codec", "outer_lr", "outer_momentum", "gap_pct",
+                               "bytes_ratio")} for r in pareto(rows, b)] for b in budgets(rows)},
     }}), flush=True)
 
 
