@@ -35,6 +35,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from diloco_grow.config import OuterConfig  # noqa: E402
+
+SHIPPED = OuterConfig()
+
 # The fields of a run that define it (its key in the results file), in table order.
 SYNC_FIELDS = ("preset", "seq_len", "batch_size", "steps", "workers", "seed", "inner_lr",
                "inner_warmup")
@@ -222,8 +226,9 @@ def main() -> None:
     ap.add_argument("--H", type=int, nargs="+", default=[50])
     ap.add_argument("--codecs", nargs="+", default=["int8"])
     ap.add_argument("--outer-opt", nargs="+", default=["sgd"], help="sgd (Nesterov) or adam")
-    ap.add_argument("--outer-lr", type=float, nargs="+", default=[0.7])
-    ap.add_argument("--outer-momentum", type=float, nargs="+", default=[0.9])
+    # defaults: the shipped outer settings
+    ap.add_argument("--outer-lr", type=float, nargs="+", default=[SHIPPED.lr])
+    ap.add_argument("--outer-momentum", type=float, nargs="+", default=[SHIPPED.momentum])
     ap.add_argument("--outer-warmup", type=int, nargs="+", default=[0],
                     help="outer steps of linear outer-lr warmup")
     ap.add_argument("--arms", nargs="+", default=["sync", "diloco"], choices=["sync", "diloco"],

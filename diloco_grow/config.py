@@ -77,7 +77,7 @@ class OuterConfig:
     # "adam": Adam on the pseudo-gradient with β1 = momentum, β2 = beta2, ε = eps.
     optimizer: str = "sgd"
     lr: float = 0.7
-    momentum: float = 0.9
+    momentum: float = 0.6  # tuned (issue #10): 0.9 lags at tens to a hundred outer steps
     nesterov: bool = True  # sgd only
     beta2: float = 0.99  # adam only
     eps: float = 1e-8  # adam only

@@ -265,7 +265,7 @@ def test_bad_outer_values_give_clear_errors(outer, msg):
 
 def test_outer_fields_load_from_toml_and_overrides(tmp_path):
     defaults = config_from_dict({}).outer
-    assert (defaults.optimizer, defaults.lr, defaults.momentum) == ("sgd", 0.7, 0.9)
+    assert defaults.optimizer == "sgd"  # the tuned lr and momentum: test_shipped_defaults.py
     assert (defaults.beta2, defaults.eps, defaults.warmup_steps) == (0.99, 1e-8, 0)
     p = tmp_path / "run.toml"
     p.write_text(
