@@ -116,7 +116,7 @@ class OuterSGD:
     kind = "sgd"
 
     def __init__(
-        self, lr: float = 0.7, momentum: float = 0.9, nesterov: bool = True, warmup_steps: int = 0
+        self, lr: float = 0.7, momentum: float = 0.6, nesterov: bool = True, warmup_steps: int = 0
     ) -> None:
         self.lr, self.momentum, self.nesterov = lr, momentum, nesterov
         self.warmup_steps = warmup_steps
