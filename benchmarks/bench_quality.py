@@ -49,6 +49,10 @@ DILOCO_FIELDS = SYNC_FIELDS + ("H", "codec", "outer_opt", "outer_lr", "outer_mom
 def run_key(run: dict[str, Any]) -> str:
     fields = DILOCO_FIELDS if run["arm"] == "diloco" else SYNC_FIELDS
     blob = json.dumps({"arm": run["arm"], **{k: run[k] for k in fields}}, sort_keys=True)
+    # A GPU run is another run (other kernels, other rounding); CPU keys stay as they were
+    # so older results files still resume.
+    if run.get("device", "cpu") != "cpu":
+        blob += "|" + run["device"]
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -84,7 +88,8 @@ def train_one(run: dict[str, Any], work: str) -> dict[str, Any]:
     torch.set_num_threads(1)
     cfg = config_from_dict(run_config(run))
     spec = SimSpec(workers=run["workers"], outer_steps=run["steps"] // run["H"],
-                   out_dir=str(Path(work) / run["key"]), progress=False)
+                   out_dir=str(Path(work) / run["key"]), progress=False,
+                   device=run.get("device", "cpu"))
     s = simulate(cfg, spec) if run["arm"] == "diloco" else train_sync(cfg, spec)
     return {**run, "val_loss": s["val_loss"], "bytes_sent_per_worker": s["bytes_sent_per_worker"],
             "tokens": s["tokens"], "outer_steps": s["outer_steps"], "wall_s": s["wall_s"]}
@@ -94,6 +99,8 @@ def grid(args: argparse.Namespace) -> list[dict[str, Any]]:
     base = {"preset": args.preset, "seq_len": args.seq_len, "batch_size": args.batch_size,
             "steps": args.steps, "inner_warmup": args.inner_warmup,
             "val_batches": args.val_batches}
+    if args.device != "cpu":
+        base["device"] = args.device
     runs = []
     for workers, seed, lr in itertools.product(args.workers, args.seeds, args.sync_lr):
         # sync evaluates every `chunk` steps: about 50 points per curve
@@ -126,7 +133,8 @@ def read_rows(path: Path) -> dict[str, dict[str, Any]]:
 def compare(rows: list[dict[str, Any]]) -> None:
     """Add each DiLoCo row's gap to the tuned (best-lr) sync run of its budget, in place."""
     def budget(r: dict[str, Any]) -> tuple:
-        return tuple(r[k] for k in SYNC_FIELDS if k not in ("inner_lr", "inner_warmup"))
+        return (r.get("device", "cpu"),) + tuple(
+            r[k] for k in SYNC_FIELDS if k not in ("inner_lr", "inner_warmup"))
 
     best: dict[tuple, dict[str, Any]] = {}
     for r in rows:
@@ -207,7 +215,7 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="a tiny grid that ends in about a minute")
@@ -235,16 +243,24 @@ def main() -> None:
                     help="which arms of the grid to run (e.g. a sync baseline in another process)")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
                     help="runs in parallel, one torch thread each")
+    ap.add_argument("--device", default="cpu",
+                    help="torch device of every run (cuda: the runs share the GPU; a GPU run "
+                         "is only compared with GPU sync runs)")
     ap.add_argument("--results", default="benchmarks/results/quality_sweep.jsonl",
                     help="JSONL of finished runs; runs already in it are skipped")
     ap.add_argument("--tag", default="", help="name of this report's table and plot")
     ap.add_argument("--report", action="store_true",
                     help="run nothing: report every run in --results (all grids merged)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.smoke:
         args.steps, args.H, args.sync_lr, args.val_batches = 40, [10, 20], [2e-3], 2
         args.results = args.results.replace(".jsonl", "_smoke.jsonl")
         args.tag = args.tag or "smoke"
+    return args
+
+
+def main() -> None:
+    args = parse_args()
 
     results = Path(args.results)
     results.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,66 @@
+"""The quality sweep's bookkeeping: run keys (resume) and which sync run a DiLoCo run is
+compared with. Pure functions, no training."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+_spec = importlib.util.spec_from_file_location(
+    "bench_quality", ROOT / "benchmarks/bench_quality.py"
+)
+bq = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bq)
+
+
+def _target_row() -> dict:
+    # The int8 target run, as the committed results file holds it.
+    rows = (ROOT / "benchmarks/results/quality_target.jsonl").read_text().splitlines()
+    return next(json.loads(r) for r in rows if '"codec": "int8"' in r)
+
+
+def test_cpu_keys_are_unchanged_so_old_results_resume() -> None:
+    row = _target_row()
+    assert "device" not in row
+    assert bq.run_key(row) == row["key"] == "87556bdae3931d50"
+
+
+def test_a_gpu_run_is_another_run() -> None:
+    row = _target_row()
+    assert bq.run_key({**row, "device": "cuda"}) != row["key"]
+    assert bq.run_key({**row, "device": "cpu"}) == row["key"]
+
+
+def _row(arm: str, loss: float, device: str | None = None, **kw) -> dict:
+    r = {"arm": arm, "preset": "tiny", "seq_len": 32, "batch_size": 4, "steps": 100,
+         "workers": 4, "seed": 0, "inner_lr": 2e-3, "inner_warmup": 10, "val_loss": loss,
+         "bytes_sent_per_worker": 1000 if arm == "sync" else 10, **kw}
+    if device:
+        r["device"] = device
+    return r
+
+
+def test_gap_is_to_the_best_sync_run_of_the_same_budget_and_device() -> None:
+    rows = [
+        _row("sync", 2.0), _row("sync", 1.9, inner_lr=4e-3),  # CPU: tuned = 1.9
+        _row("sync", 1.5, device="cuda"),                     # GPU: another corpus/rounding
+        _row("sync", 1.0, steps=200),                         # another budget
+        _row("diloco", 1.995), _row("diloco", 1.65, device="cuda"),
+    ]
+    bq.compare(rows)
+    cpu, gpu = rows[4], rows[5]
+    assert cpu["sync_val_loss"] == 1.9 and cpu["sync_lr"] == 4e-3
+    assert abs(cpu["gap_pct"] - 5.0) < 1e-9 and cpu["bytes_ratio"] == 100
+    assert gpu["sync_val_loss"] == 1.5 and abs(gpu["gap_pct"] - 10.0) < 1e-9
+
+
+def test_grid_marks_gpu_runs_and_leaves_cpu_runs_bare() -> None:
+    ap_args = ["--steps", "100", "--H", "10", "--sync-lr", "2e-3"]
+    for device, expect in (("cpu", None), ("cuda", "cuda")):
+        args = bq.parse_args(ap_args + ["--device", device])
+        runs = bq.grid(args)
+        assert {r["arm"] for r in runs} == {"sync", "diloco"}
+        assert all(r.get("device") == expect for r in runs)
+
