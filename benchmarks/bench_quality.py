@@ -43,16 +43,18 @@ SHIPPED = OuterConfig()
 SYNC_FIELDS = ("preset", "seq_len", "batch_size", "steps", "workers", "seed", "inner_lr",
                "inner_warmup")
 DILOCO_FIELDS = SYNC_FIELDS + ("H", "codec", "outer_opt", "outer_lr", "outer_momentum",
-                               "outer_warmup")
+                               "outer_warmup")  # + outer_momentum_warmup, keyed when set
 
 
 def run_key(run: dict[str, Any]) -> str:
     fields = DILOCO_FIELDS if run["arm"] == "diloco" else SYNC_FIELDS
     blob = json.dumps({"arm": run["arm"], **{k: run[k] for k in fields}}, sort_keys=True)
-    # A GPU run is another run (other kernels, other rounding); CPU keys stay as they were
-    # so older results files still resume.
+    # Fields added later enter the key only when set, so older results files (which ran
+    # without them) still resume. A GPU run is another run (other kernels, other rounding).
     if run.get("device", "cpu") != "cpu":
         blob += "|" + run["device"]
+    if run["arm"] == "diloco" and run.get("outer_momentum_warmup", 0):
+        blob += f"|mwarm{run['outer_momentum_warmup']}"
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -67,8 +69,10 @@ def run_config(run: dict[str, Any]) -> dict[str, Any]:
         "data": {"val_batches": run["val_batches"]},
     }
     if run["arm"] == "diloco":
+        # A row without the momentum ramp ran before it existed: without one.
         outer = {"compression": run["codec"], "lr": run["outer_lr"],
-                 "momentum": run["outer_momentum"], "error_feedback": run["codec"] != "none"}
+                 "momentum": run["outer_momentum"], "error_feedback": run["codec"] != "none",
+                 "momentum_warmup_steps": run.get("outer_momentum_warmup", 0)}
         # Only non-default keys, so a grid that does not use them runs on any config schema.
         if run["outer_opt"] != "sgd":
             outer["optimizer"] = run["outer_opt"]
@@ -108,13 +112,14 @@ def grid(args: argparse.Namespace) -> list[dict[str, Any]]:
                      "H": max(1, args.steps // 50)})
     axes = itertools.product(args.workers, args.seeds, args.inner_lr, args.H, args.codecs,
                              args.outer_opt, args.outer_lr, args.outer_momentum,
-                             args.outer_warmup)
-    for workers, seed, ilr, H, codec, opt, olr, mom, owarm in axes:
+                             args.outer_warmup, args.momentum_warmup)
+    for workers, seed, ilr, H, codec, opt, olr, mom, owarm, mwarm in axes:
         if args.steps // H < 1:
             continue
         runs.append({**base, "arm": "diloco", "workers": workers, "seed": seed,
                      "inner_lr": ilr, "H": H, "codec": codec, "outer_opt": opt,
-                     "outer_lr": olr, "outer_momentum": mom, "outer_warmup": owarm})
+                     "outer_lr": olr, "outer_momentum": mom, "outer_warmup": owarm,
+                     "outer_momentum_warmup": mwarm if opt == "sgd" and mom else 0})
     for r in runs:
         r["key"] = run_key(r)
     return runs
@@ -197,7 +202,7 @@ def plot_pareto(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    head = ("| workers | steps | H | codec | outer | lr | μ | warm | inner lr | val loss "
+    head = ("| workers | steps | H | codec | outer | lr | μ | warm lr/μ | inner lr | val loss "
             "| gap to tuned sync | × fewer bytes |")
     lines = [head, "|---" * 12 + "|"]
     syncs = [r for r in rows if r["arm"] == "sync"]
@@ -210,7 +215,8 @@ def table(rows: list[dict[str, Any]]) -> str:
         ratio = f"{r['bytes_ratio']:.0f}" if "bytes_ratio" in r else "–"
         lines.append(f"| {r['workers']} | {r['steps']} | {r['H']} | {r['codec']} | "
                      f"{r['outer_opt']} | {r['outer_lr']:g} | {r['outer_momentum']:g} | "
-                     f"{r['outer_warmup']} | {r['inner_lr']:g} | {r['val_loss']:.4f} | {gap} | "
+                     f"{r['outer_warmup']}/{r.get('outer_momentum_warmup', 0)} | "
+                     f"{r['inner_lr']:g} | {r['val_loss']:.4f} | {gap} | "
                      f"{ratio} |")
     return "\n".join(lines) + "\n"
 
@@ -239,6 +245,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--outer-momentum", type=float, nargs="+", default=[SHIPPED.momentum])
     ap.add_argument("--outer-warmup", type=int, nargs="+", default=[0],
                     help="outer steps of linear outer-lr warmup")
+    ap.add_argument("--momentum-warmup", type=int, nargs="+",
+                    default=[SHIPPED.momentum_warmup_steps],
+                    help="outer steps of linear outer-momentum warmup (sgd; 0: constant μ)")
     ap.add_argument("--arms", nargs="+", default=["sync", "diloco"], choices=["sync", "diloco"],
                     help="which arms of the grid to run (e.g. a sync baseline in another process)")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
@@ -299,7 +308,7 @@ def main() -> None:
     print(json.dumps({"summary": {
         "runs": len(rows), "table": str(out / f"{tag}.md"), "plot": str(out / f"{tag}.png"),
         "best": None if best is None else {k: best.get(k) for k in DILOCO_FIELDS + (
-            "val_loss", "gap_pct", "bytes_ratio")},
+            "outer_momentum_warmup", "val_loss", "gap_pct", "bytes_ratio")},
         "pareto": {f"M={b[0]},steps={b[1]}": [
             {k: r[k] for k in ("H", "codec", "outer_lr", "outer_momentum", "gap_pct",
                                "bytes_ratio")} for r in pareto(rows, b)] for b in budgets(rows)},

@@ -96,8 +96,12 @@ def global_from(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Any:
         # The outer hyperparameters pass the [outer] section's own checks (a served state
         # is untrusted). A meta written before the optimizer choice has none of the newer
         # keys: it is sgd, and the missing fields take their defaults.
-        o = meta["outer"]
-        keys = ("optimizer", "lr", "momentum", "nesterov", "beta2", "eps", "warmup_steps")
+        o = dict(meta["outer"])
+        # Likewise a meta written before the momentum ramp: that run took its steps without
+        # one, so it resumes without one (not with today's default).
+        o.setdefault("momentum_warmup_steps", 0)
+        keys = ("optimizer", "lr", "momentum", "nesterov", "beta2", "eps", "warmup_steps",
+                "momentum_warmup_steps")
         outer = make_outer(OuterConfig(**{k: o[k] for k in keys if k in o}))
         outer.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("outer.")})
         theta = tensors["theta_g"].float()

@@ -82,6 +82,9 @@ class OuterConfig:
     beta2: float = 0.99  # adam only
     eps: float = 1e-8  # adam only
     warmup_steps: int = 0  # lr ramps linearly over the first N outer steps; 0 = off
+    # sgd only: momentum ramps linearly from μ/N to μ over the first N outer steps; 0 = off.
+    # Tuned (issue #10): early steps as plain averaging, later ones Nesterov.
+    momentum_warmup_steps: int = 10
     compression: str = "int8"
     block_size: int = 256
     error_feedback: bool = True
@@ -117,6 +120,11 @@ class OuterConfig:
         _check(
             _is_int(self.warmup_steps) and self.warmup_steps >= 0,
             f"outer.warmup_steps must be an integer >= 0 (0: off), got {self.warmup_steps!r}",
+        )
+        _check(
+            _is_int(self.momentum_warmup_steps) and self.momentum_warmup_steps >= 0,
+            "outer.momentum_warmup_steps must be an integer >= 0 (0: off), "
+            f"got {self.momentum_warmup_steps!r}",
         )
         _check(
             self.compression in codec_names(),

@@ -93,11 +93,21 @@ def warmup_lr(lr: float, warmup_steps: int, t: int) -> float:
     return lr if warmup_steps <= 0 else lr * min(1.0, (t + 1) / warmup_steps)
 
 
+def warmup_momentum(momentum: float, warmup_steps: int, t: int) -> float:
+    """μ · min(1, (t+1)/N). The first pseudo-gradients, from a random init, are the
+    largest and least aligned with later ones; a full μ keeps re-applying them (at 0.6
+    the buffer still holds 0.6^k of the first one k steps later), which is why FedAvg
+    led Nesterov over the first few hundred inner steps (issue #10). Ramping μ lets the
+    early steps be plain averaging and the later ones Nesterov. Python floats (IEEE, no
+    libm), so every peer computes the same μ_t."""
+    return warmup_lr(momentum, warmup_steps, t)
+
+
 def make_outer(o: OuterConfig) -> OuterOptimizer:
     """The optimizer the [outer] section names, with an empty state."""
     if o.optimizer == "adam":
         return OuterAdam(o.lr, o.momentum, o.beta2, o.eps, o.warmup_steps)
-    return OuterSGD(o.lr, o.momentum, o.nesterov, o.warmup_steps)
+    return OuterSGD(o.lr, o.momentum, o.nesterov, o.warmup_steps, o.momentum_warmup_steps)
 
 
 def _check_keys(d: dict[str, torch.Tensor], known: set[str]) -> None:
@@ -111,29 +121,37 @@ def _check_keys(d: dict[str, torch.Tensor], known: set[str]) -> None:
 class OuterSGD:
     """SGD with (Nesterov) momentum on θ_g, exactly torch.optim.SGD's semantics:
     m ← μ m + Δ̄ ;  θ_g ← θ_g − η (Δ̄ + μ m)  (Nesterov)  or  θ_g ← θ_g − η m.
-    μ = 0 is the plain averaging step θ_g ← θ_g − η Δ̄ (FedAvg at η = 1)."""
+    μ = 0 is the plain averaging step θ_g ← θ_g − η Δ̄ (FedAvg at η = 1).
+    With `momentum_warmup_steps` N > 0, μ is μ_t = μ · min(1, (t+1)/N) at outer step t
+    (the shipped [outer] ramps it; the bare class defaults to torch's constant μ)."""
 
     kind = "sgd"
 
     def __init__(
-        self, lr: float = 0.7, momentum: float = 0.6, nesterov: bool = True, warmup_steps: int = 0
+        self,
+        lr: float = 0.7,
+        momentum: float = 0.6,
+        nesterov: bool = True,
+        warmup_steps: int = 0,
+        momentum_warmup_steps: int = 0,
     ) -> None:
         self.lr, self.momentum, self.nesterov = lr, momentum, nesterov
-        self.warmup_steps = warmup_steps
+        self.warmup_steps, self.momentum_warmup_steps = warmup_steps, momentum_warmup_steps
         self.buf: torch.Tensor | None = None
 
     @torch.no_grad()
     def step(self, theta_g: torch.Tensor, mean_delta: torch.Tensor, t: int) -> None:
         """Update θ_g in place."""
         lr = warmup_lr(self.lr, self.warmup_steps, t)
+        mu = warmup_momentum(self.momentum, self.momentum_warmup_steps, t)
         if self.momentum == 0:
             theta_g.sub_(mean_delta, alpha=lr)
             return
         if self.buf is None:
             self.buf = mean_delta.clone()  # torch's SGD starts the buffer at the first gradient
         else:
-            self.buf.mul_(self.momentum).add_(mean_delta)
-        update = mean_delta.add(self.buf, alpha=self.momentum) if self.nesterov else self.buf
+            self.buf.mul_(mu).add_(mean_delta)
+        update = mean_delta.add(self.buf, alpha=mu) if self.nesterov else self.buf
         theta_g.sub_(update, alpha=lr)
 
     def buffers(self) -> dict[str, torch.Tensor]:
@@ -150,6 +168,7 @@ class OuterSGD:
             "momentum": self.momentum,
             "nesterov": self.nesterov,
             "warmup_steps": self.warmup_steps,
+            "momentum_warmup_steps": self.momentum_warmup_steps,
         }
 
     def state_dict(self) -> dict[str, torch.Tensor]:

@@ -64,3 +64,21 @@ def test_grid_marks_gpu_runs_and_leaves_cpu_runs_bare() -> None:
         assert {r["arm"] for r in runs} == {"sync", "diloco"}
         assert all(r.get("device") == expect for r in runs)
 
+
+
+def test_momentum_ramp_is_keyed_only_when_set() -> None:
+    row = _target_row()
+    assert "outer_momentum_warmup" not in row  # ran before the ramp existed: without one
+    assert bq.run_key({**row, "outer_momentum_warmup": 0}) == row["key"]
+    assert bq.run_key({**row, "outer_momentum_warmup": 10}) != row["key"]
+    assert bq.run_config(row)["outer"]["momentum_warmup_steps"] == 0
+    assert bq.run_config({**row, "outer_momentum_warmup": 10})["outer"][
+        "momentum_warmup_steps"] == 10
+
+
+def test_grid_ramps_only_sgd_with_momentum() -> None:
+    args = bq.parse_args(["--steps", "100", "--H", "10", "--outer-momentum", "0.6", "0",
+                          "--outer-opt", "sgd", "adam", "--momentum-warmup", "10"])
+    ramps = {(r["outer_opt"], r["outer_momentum"]): r["outer_momentum_warmup"]
+             for r in bq.grid(args) if r["arm"] == "diloco"}
+    assert ramps == {("sgd", 0.6): 10, ("sgd", 0.0): 0, ("adam", 0.6): 0, ("adam", 0.0): 0}

@@ -13,7 +13,7 @@ from diloco_grow.config import ConfigError, build_config, config_from_dict, load
 from diloco_grow.data import load_corpus
 from diloco_grow.growth import GrowthEvent, flat_index_map
 from diloco_grow.metrics import read_jsonl
-from diloco_grow.outer import OuterAdam, OuterSGD, warmup_lr
+from diloco_grow.outer import OuterAdam, OuterSGD, warmup_lr, warmup_momentum
 from diloco_grow.simulate import SimSpec, simulate
 from diloco_grow.worker import GlobalState
 
@@ -125,6 +125,43 @@ def test_warmup_scales_the_first_updates_exactly(make):
         assert torch.equal(v, flat.buffers()[k])
 
 
+def test_momentum_warmup_ramps_mu_then_is_plain_nesterov():
+    """μ_t = μ·(t+1)/N for t < N, then μ: checked against the recurrence written out by
+    hand in float64, and the ramp really changes the steps (it is not a no-op)."""
+    assert [warmup_momentum(0.6, 4, t) for t in range(6)] == [0.15, 0.3, 0.44999999999999996,
+                                                               0.6, 0.6, 0.6]
+    assert warmup_momentum(0.6, 0, 0) == 0.6
+    torch.manual_seed(5)
+    deltas = [torch.randn(200) for _ in range(7)]
+    ours, plain = OuterSGD(0.7, 0.6, True, 0, 4), OuterSGD(0.7, 0.6, True, 0, 0)
+    a, b = torch.zeros(200), torch.zeros(200)
+    ref, buf = torch.zeros(200, dtype=torch.float64), None
+    for t, d in enumerate(deltas):
+        ours.step(a, d, t)
+        plain.step(b, d, t)
+        mu = 0.6 * min(1.0, (t + 1) / 4)
+        buf = d.double() if buf is None else mu * buf + d.double()
+        ref = ref - 0.7 * (d.double() + mu * buf)
+    torch.testing.assert_close(a.double(), ref, rtol=0, atol=1e-5)
+    assert (a - b).abs().max() > 0.1
+    assert ours.hparams()["momentum_warmup_steps"] == 4
+
+
+def test_sgd_checkpoint_keeps_the_ramp_and_old_meta_runs_without_it():
+    g = GlobalState.init(cfg_for(lr=0.7, momentum=0.6, momentum_warmup_steps=6))
+    d = torch.full_like(g.theta, 1e-3)
+    g.outer_step(d)
+    tensors, meta = ckpt.global_tensors_meta(g)
+    assert meta["outer"]["momentum_warmup_steps"] == 6
+    g2 = _served(tensors, meta)
+    assert g2.outer.momentum_warmup_steps == 6
+    g.outer_step(d * 2)
+    g2.outer_step(d * 2)
+    assert g.hash() == g2.hash()
+    del meta["outer"]["momentum_warmup_steps"]  # as written before the ramp existed
+    assert _served(tensors, meta).outer.momentum_warmup_steps == 0
+
+
 def test_global_state_passes_its_step_to_the_warmup():
     g = GlobalState.init(cfg_for(lr=0.5, momentum=0.0, warmup_steps=4))
     d = torch.full_like(g.theta, 0.25)
@@ -202,6 +239,7 @@ def test_old_sgd_meta_loads_with_defaults():
     g2 = ckpt.global_from(*ckpt.unpack_state(ckpt.pack_state(tensors, meta)))
     assert isinstance(g2.outer, OuterSGD) and not g2.outer.nesterov
     assert g2.outer.warmup_steps == 0 and torch.equal(g2.outer.buf, g.outer.buf)
+    assert g2.outer.momentum_warmup_steps == 0
     assert set(tensors) == {"theta_g", "outer.momentum"}  # sgd's state is what it was
 
 
@@ -253,6 +291,9 @@ def test_max_state_bytes_holds_theta_and_two_buffers():
         ({"warmup_steps": -1}, "outer.warmup_steps"),
         ({"warmup_steps": 2.5}, "outer.warmup_steps"),
         ({"warmup_steps": True}, "outer.warmup_steps"),
+        ({"momentum_warmup_steps": -1}, "outer.momentum_warmup_steps"),
+        ({"momentum_warmup_steps": 2.5}, "outer.momentum_warmup_steps"),
+        ({"momentum_warmup_steps": "10"}, "outer.momentum_warmup_steps"),
         ({"nesterov": "yes"}, "outer.nesterov"),
         ({"lr": math.inf}, "outer.lr"),
         ({"lr": "0.7"}, "outer.lr"),
