@@ -201,24 +201,67 @@ def plot_pareto(rows: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def _setting(r: dict[str, Any]) -> tuple:
+    """A DiLoCo row's settings without its seed: the runs one seed mean pools."""
+    return (r.get("device", "cpu"),) + tuple(r[k] for k in DILOCO_FIELDS if k != "seed") + (
+        r.get("outer_momentum_warmup", 0),)
+
+
+def _diloco_cells(r: dict[str, Any]) -> str:
+    return (f"{r['H']} | {r['codec']} | {r['outer_opt']} | {r['outer_lr']:g} | "
+            f"{r['outer_momentum']:g} | {r['outer_warmup']}/{r.get('outer_momentum_warmup', 0)}"
+            f" | {r['inner_lr']:g}")
+
+
+def seed_means(rows: list[dict[str, Any]]) -> str:
+    """Mean and spread of the gap over seeds, for settings run on more than one seed:
+    a single seed's gap moves by a few points on these budgets, so tuning decisions
+    should read this table, not one row."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in rows:
+        if r["arm"] == "diloco" and "gap_pct" in r:
+            groups.setdefault(_setting(r), []).append(r)
+    multi = sorted((g for g in groups.values() if len({r["seed"] for r in g}) > 1),
+                   key=lambda g: (g[0]["workers"], g[0]["steps"],
+                                  sum(r["gap_pct"] for r in g) / len(g)))
+    if not multi:
+        return ""
+    lines = ["| workers | steps | H | codec | outer | lr | μ | warm lr/μ | inner lr | seeds "
+             "| mean gap | min … max |", "|---" * 12 + "|"]
+    for g in multi:
+        gaps = [r["gap_pct"] for r in g]
+        lines.append(f"| {g[0]['workers']} | {g[0]['steps']} | {_diloco_cells(g[0])} | "
+                     f"{len(g)} | {sum(gaps) / len(gaps):+.2f}% | "
+                     f"{min(gaps):+.2f}% … {max(gaps):+.2f}% |")
+    return "\n".join(lines) + "\n"
+
+
 def table(rows: list[dict[str, Any]]) -> str:
-    head = ("| workers | steps | H | codec | outer | lr | μ | warm lr/μ | inner lr | val loss "
-            "| gap to tuned sync | × fewer bytes |")
-    lines = [head, "|---" * 12 + "|"]
+    """One line per run (sync first); a seed column once the file holds several seeds,
+    then the mean over seeds of every setting run on more than one."""
+    seeded = len({r["seed"] for r in rows}) > 1
+    sd = " seed |" if seeded else ""
+    head = (f"| workers | steps |{sd} H | codec | outer | lr | μ | warm lr/μ | inner lr | "
+            "val loss | gap to tuned sync | × fewer bytes |")
+    lines = [head, "|---" * (13 if seeded else 12) + "|"]
+
+    def seed(r: dict[str, Any]) -> str:
+        return f" {r['seed']} |" if seeded else ""
+
     syncs = [r for r in rows if r["arm"] == "sync"]
-    for s in sorted(syncs, key=lambda r: (r["workers"], r["steps"], r["inner_lr"])):
-        lines.append(f"| {s['workers']} | {s['steps']} | – | sync DP | AdamW | – | – | – | "
-                     f"{s['inner_lr']:g} | {s['val_loss']:.4f} | – | 1 |")
+    for s in sorted(syncs, key=lambda r: (r["workers"], r["steps"], r["seed"], r["inner_lr"])):
+        lines.append(f"| {s['workers']} | {s['steps']} |{seed(s)} – | sync DP | AdamW | – | – | "
+                     f"– | {s['inner_lr']:g} | {s['val_loss']:.4f} | – | 1 |")
     dil = [r for r in rows if r["arm"] == "diloco"]
     for r in sorted(dil, key=lambda r: (r["workers"], r["steps"], r.get("gap_pct", 1e9))):
         gap = f"{r['gap_pct']:+.2f}%" if "gap_pct" in r else "no sync run"
         ratio = f"{r['bytes_ratio']:.0f}" if "bytes_ratio" in r else "–"
-        lines.append(f"| {r['workers']} | {r['steps']} | {r['H']} | {r['codec']} | "
-                     f"{r['outer_opt']} | {r['outer_lr']:g} | {r['outer_momentum']:g} | "
-                     f"{r['outer_warmup']}/{r.get('outer_momentum_warmup', 0)} | "
-                     f"{r['inner_lr']:g} | {r['val_loss']:.4f} | {gap} | "
-                     f"{ratio} |")
-    return "\n".join(lines) + "\n"
+        lines.append(f"| {r['workers']} | {r['steps']} |{seed(r)} {_diloco_cells(r)} | "
+                     f"{r['val_loss']:.4f} | {gap} | {ratio} |")
+    means = seed_means(rows)
+    out = "\n".join(lines) + "\n"
+    return out + ("\nMean over seeds (each seed against its own tuned sync):\n\n" + means
+                  if means else "")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -82,3 +82,35 @@ def test_grid_ramps_only_sgd_with_momentum() -> None:
     ramps = {(r["outer_opt"], r["outer_momentum"]): r["outer_momentum_warmup"]
              for r in bq.grid(args) if r["arm"] == "diloco"}
     assert ramps == {("sgd", 0.6): 10, ("sgd", 0.0): 0, ("adam", 0.6): 0, ("adam", 0.0): 0}
+
+
+def _dl(loss: float, seed: int, **kw) -> dict:
+    base = {"H": 10, "codec": "int8", "outer_opt": "sgd", "outer_lr": 0.7,
+            "outer_momentum": 0.6, "outer_warmup": 0, "outer_momentum_warmup": 10}
+    return _row("diloco", loss, seed=seed, **{**base, **kw})
+
+
+def test_seed_means_pool_a_setting_against_each_seeds_own_sync() -> None:
+    rows = [
+        _row("sync", 2.0, seed=0), _row("sync", 1.0, seed=1),
+        _dl(2.1, 0), _dl(1.02, 1),                         # +5 % and +2 %: mean +3.5 %
+        _dl(2.2, 0, outer_lr=1.0), _dl(1.0, 1, outer_lr=1.0),  # +10 % and 0 %: mean +5 %
+        _dl(2.02, 0, outer_lr=0.5),                        # one seed only: not pooled
+    ]
+    bq.compare(rows)
+    text = bq.table(rows)
+    head, means = text.split("Mean over seeds")
+    assert "| seed |" in head.splitlines()[0]
+    assert sum(1 for line in head.splitlines() if line.startswith("| 4 | 100 |")) == 7
+    lines = [line for line in means.splitlines() if line.startswith("| 4 |")]
+    assert len(lines) == 2  # lr 0.5 ran on one seed
+    assert "| 0.7 |" in lines[0] and "| 2 | +3.50% | +2.00% … +5.00% |" in lines[0]
+    assert "| 1 |" in lines[1] and "| 2 | +5.00% | +0.00% … +10.00% |" in lines[1]
+
+
+def test_one_seed_keeps_the_table_without_a_seed_column() -> None:
+    rows = [_row("sync", 2.0), _dl(2.1, 0)]
+    bq.compare(rows)
+    text = bq.table(rows)
+    assert "seed" not in text.splitlines()[0] and "Mean over seeds" not in text
+    assert text.splitlines()[-1].endswith("| +5.00% | 100 |")
