@@ -202,7 +202,7 @@ def plot_pareto(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 def _setting(r: dict[str, Any]) -> tuple:
-    """A DiLoCo row's settings without its seed: the runs one seed mean pools."""
+    """A DiLoCo row's settings without its seed: the key a mean over seeds groups by."""
     return (r.get("device", "cpu"),) + tuple(r[k] for k in DILOCO_FIELDS if k != "seed") + (
         r.get("outer_momentum_warmup", 0),)
 
