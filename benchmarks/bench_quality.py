@@ -201,10 +201,8 @@ def plot_pareto(rows: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def _setting(r: dict[str, Any]) -> tuple:
-    """A DiLoCo row's settings without its seed: the key a mean over seeds groups by."""
-    return (r.get("device", "cpu"),) + tuple(r[k] for k in DILOCO_FIELDS if k != "seed") + (
-        r.get("outer_momentum_warmup", 0),)
+# The columns that name a DiLoCo setting, in both tables; _diloco_cells fills them.
+DILOCO_HEAD = "H | codec | outer | lr | μ | warm lr/μ | inner lr"
 
 
 def _diloco_cells(r: dict[str, Any]) -> str:
@@ -220,14 +218,15 @@ def seed_means(rows: list[dict[str, Any]]) -> str:
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in rows:
         if r["arm"] == "diloco" and "gap_pct" in r:
-            groups.setdefault(_setting(r), []).append(r)
+            # The run's own key with the seed left out: a field keyed later is pooled too.
+            groups.setdefault(run_key({**r, "seed": None}), []).append(r)
     multi = sorted((g for g in groups.values() if len({r["seed"] for r in g}) > 1),
                    key=lambda g: (g[0]["workers"], g[0]["steps"],
                                   sum(r["gap_pct"] for r in g) / len(g)))
     if not multi:
         return ""
-    lines = ["| workers | steps | H | codec | outer | lr | μ | warm lr/μ | inner lr | seeds "
-             "| mean gap | min … max |", "|---" * 12 + "|"]
+    lines = [f"| workers | steps | {DILOCO_HEAD} | seeds | mean gap | min … max |",
+             "|---" * 12 + "|"]
     for g in multi:
         gaps = [r["gap_pct"] for r in g]
         lines.append(f"| {g[0]['workers']} | {g[0]['steps']} | {_diloco_cells(g[0])} | "
@@ -241,8 +240,8 @@ def table(rows: list[dict[str, Any]]) -> str:
     then the mean over seeds of every setting run on more than one."""
     seeded = len({r["seed"] for r in rows}) > 1
     sd = " seed |" if seeded else ""
-    head = (f"| workers | steps |{sd} H | codec | outer | lr | μ | warm lr/μ | inner lr | "
-            "val loss | gap to tuned sync | × fewer bytes |")
+    head = (f"| workers | steps |{sd} {DILOCO_HEAD} | val loss | gap to tuned sync | "
+            "× fewer bytes |")
     lines = [head, "|---" * (13 if seeded else 12) + "|"]
 
     def seed(r: dict[str, Any]) -> str:
