@@ -43,7 +43,7 @@ SHIPPED = OuterConfig()
 SYNC_FIELDS = ("preset", "seq_len", "batch_size", "steps", "workers", "seed", "inner_lr",
                "inner_warmup")
 DILOCO_FIELDS = SYNC_FIELDS + ("H", "codec", "outer_opt", "outer_lr", "outer_momentum",
-                               "outer_warmup")  # + outer_momentum_warmup, keyed when set
+                               "outer_warmup")  # + outer_momentum_warmup, ef_decay: keyed when set
 
 
 def run_key(run: dict[str, Any]) -> str:
@@ -55,6 +55,8 @@ def run_key(run: dict[str, Any]) -> str:
         blob += "|" + run["device"]
     if run["arm"] == "diloco" and run.get("outer_momentum_warmup", 0):
         blob += f"|mwarm{run['outer_momentum_warmup']}"
+    if run["arm"] == "diloco" and run.get("ef_decay", 1.0) != 1.0:
+        blob += f"|efdecay{run['ef_decay']}"
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -78,6 +80,8 @@ def run_config(run: dict[str, Any]) -> dict[str, Any]:
             outer["optimizer"] = run["outer_opt"]
         if run["outer_warmup"]:
             outer["warmup_steps"] = run["outer_warmup"]
+        if run.get("ef_decay", 1.0) != 1.0:
+            outer["error_feedback_decay"] = run["ef_decay"]
         d["outer"] = outer
     return d
 
@@ -112,14 +116,15 @@ def grid(args: argparse.Namespace) -> list[dict[str, Any]]:
                      "H": max(1, args.steps // 50)})
     axes = itertools.product(args.workers, args.seeds, args.inner_lr, args.H, args.codecs,
                              args.outer_opt, args.outer_lr, args.outer_momentum,
-                             args.outer_warmup, args.momentum_warmup)
-    for workers, seed, ilr, H, codec, opt, olr, mom, owarm, mwarm in axes:
+                             args.outer_warmup, args.momentum_warmup, args.ef_decay)
+    for workers, seed, ilr, H, codec, opt, olr, mom, owarm, mwarm, efd in axes:
         if args.steps // H < 1:
             continue
         runs.append({**base, "arm": "diloco", "workers": workers, "seed": seed,
                      "inner_lr": ilr, "H": H, "codec": codec, "outer_opt": opt,
                      "outer_lr": olr, "outer_momentum": mom, "outer_warmup": owarm,
-                     "outer_momentum_warmup": mwarm if opt == "sgd" and mom else 0})
+                     "outer_momentum_warmup": mwarm if opt == "sgd" and mom else 0,
+                     "ef_decay": efd if codec != "none" else 1.0})
     for r in runs:
         r["key"] = run_key(r)
     return runs
@@ -206,7 +211,10 @@ DILOCO_HEAD = "H | codec | outer | lr | μ | warm lr/μ | inner lr"
 
 
 def _diloco_cells(r: dict[str, Any]) -> str:
-    return (f"{r['H']} | {r['codec']} | {r['outer_opt']} | {r['outer_lr']:g} | "
+    # A decayed error feedback (SparseLoCo) is part of how the codec is used.
+    decay = r.get("ef_decay", 1.0)
+    codec = r["codec"] + (f" (EF β {decay:g})" if decay != 1.0 else "")
+    return (f"{r['H']} | {codec} | {r['outer_opt']} | {r['outer_lr']:g} | "
             f"{r['outer_momentum']:g} | {r['outer_warmup']}/{r.get('outer_momentum_warmup', 0)}"
             f" | {r['inner_lr']:g}")
 
@@ -290,6 +298,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--momentum-warmup", type=int, nargs="+",
                     default=[SHIPPED.momentum_warmup_steps],
                     help="outer steps of linear outer-momentum warmup (sgd; 0: constant μ)")
+    ap.add_argument("--ef-decay", type=float, nargs="+", default=[SHIPPED.error_feedback_decay],
+                    help="error-feedback decay β (< 1: SparseLoCo's local momentum, with "
+                         "--outer-momentum 0)")
     ap.add_argument("--arms", nargs="+", default=["sync", "diloco"], choices=["sync", "diloco"],
                     help="which arms of the grid to run (e.g. a sync baseline in another process)")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
@@ -350,7 +361,7 @@ def main() -> None:
     print(json.dumps({"summary": {
         "runs": len(rows), "table": str(out / f"{tag}.md"), "plot": str(out / f"{tag}.png"),
         "best": None if best is None else {k: best.get(k) for k in DILOCO_FIELDS + (
-            "outer_momentum_warmup", "val_loss", "gap_pct", "bytes_ratio")},
+            "outer_momentum_warmup", "ef_decay", "val_loss", "gap_pct", "bytes_ratio")},
         "pareto": {f"M={b[0]},steps={b[1]}": [
             {k: r[k] for k in ("H", "codec", "outer_lr", "outer_momentum", "gap_pct",
                                "bytes_ratio")} for r in pareto(rows, b)] for b in budgets(rows)},

@@ -5,6 +5,11 @@ sent then equals the sum of all inputs minus the current residual, which is at m
 quantisation step per element, so nothing is lost over time (Seide et al. 2014; Karimireddy
 et al. 2019). The residual is local state: it goes into checkpoints (state_dict) and must
 follow the parameters through model growth (remap with the growth index map).
+
+With `decay` β < 1 the residual is a leaky accumulator, e <- β·e + x before encoding
+(SparseLoCo, Sarfi et al. 2025): with a sparse codec most of e stays local for several
+rounds, and the decay makes it act as each worker's own momentum, so the outer step can
+be plain averaging (momentum 0). β = 1 is classic error feedback.
 """
 
 from __future__ import annotations
@@ -17,12 +22,14 @@ from compression.codec import Codec, Encoded
 class ErrorFeedback:
     """A residual for one flat (or fixed-shape) tensor, updated by every `compress` call."""
 
-    def __init__(self, codec: Codec) -> None:
-        self.codec = codec
+    def __init__(self, codec: Codec, decay: float = 1.0) -> None:
+        if not 0.0 < decay <= 1.0:
+            raise ValueError(f"error-feedback decay must lie in (0, 1], got {decay!r}")
+        self.codec, self.decay = codec, decay
         self.residual: torch.Tensor | None = None  # fp32, shape of the inputs, inputs' device
 
     def compress(self, x: torch.Tensor) -> Encoded:
-        """Encode x + e and keep the new quantisation error as e."""
+        """Encode x + β·e and keep the new quantisation error as e."""
         xf = x.detach().to(torch.float32)
         if self.residual is None:
             target = xf.clone()
@@ -30,7 +37,8 @@ class ErrorFeedback:
             if self.residual.shape != xf.shape:
                 raise ValueError(f"input shape {tuple(xf.shape)} does not match the residual "
                                  f"shape {tuple(self.residual.shape)}; remap after growth")
-            target = xf + self.residual.to(xf.device)
+            r = self.residual.to(xf.device)
+            target = xf + (r if self.decay == 1.0 else self.decay * r)
         enc = self.codec.encode(target)
         # In place: target becomes the new residual without another full-size allocation.
         target.sub_(self.codec.decode(enc, device=target.device))

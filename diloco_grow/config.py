@@ -88,6 +88,10 @@ class OuterConfig:
     compression: str = "int8"
     block_size: int = 256
     error_feedback: bool = True
+    # β of the error-feedback accumulator, e <- β·e + Δ (compression/feedback.py); < 1 is
+    # SparseLoCo's local momentum for sparse codecs, used with momentum 0. A worker's own
+    # setting: it changes what the worker sends, not how θ_g is computed from the mean.
+    error_feedback_decay: float = 1.0
 
     def __post_init__(self) -> None:
         from compression.codec import codec_names
@@ -125,6 +129,10 @@ class OuterConfig:
             _is_int(self.momentum_warmup_steps) and self.momentum_warmup_steps >= 0,
             "outer.momentum_warmup_steps must be an integer >= 0 (0: off), "
             f"got {self.momentum_warmup_steps!r}",
+        )
+        _check(
+            _is_num(self.error_feedback_decay) and 0 < self.error_feedback_decay <= 1,
+            f"outer.error_feedback_decay must lie in (0, 1], got {self.error_feedback_decay!r}",
         )
         _check(
             self.compression in codec_names(),

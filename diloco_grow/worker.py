@@ -85,7 +85,11 @@ class Worker:
         stream = BatchStream.for_worker(corpus, cfg, worker, n_workers)
         self.inner = InnerTrainer(self.model, cfg.inner, stream, total_inner_steps, device)
         codec = make_codec(cfg.outer.compression, cfg.outer.block_size)
-        self.feedback = ErrorFeedback(codec) if cfg.outer.error_feedback else None
+        self.feedback = (
+            ErrorFeedback(codec, cfg.outer.error_feedback_decay)
+            if cfg.outer.error_feedback
+            else None
+        )
         self.codec = codec
         self.tokens_since_sync = 0
 

@@ -114,3 +114,20 @@ def test_one_seed_keeps_the_table_without_a_seed_column() -> None:
     text = bq.table(rows)
     assert "seed" not in text.splitlines()[0] and "Mean over seeds" not in text
     assert text.splitlines()[-1].endswith("| +5.00% | 100 |")
+
+
+def test_ef_decay_is_keyed_only_below_one_and_reaches_the_worker() -> None:
+    from diloco_grow.config import config_from_dict
+
+    row = _target_row()
+    assert bq.run_key({**row, "ef_decay": 1.0}) == row["key"]  # old rows still resume
+    assert bq.run_key({**row, "ef_decay": 0.95}) != row["key"]
+    assert "error_feedback_decay" not in bq.run_config(row)["outer"]
+    cfg = config_from_dict(bq.run_config({**row, "ef_decay": 0.95}))
+    assert cfg.outer.error_feedback_decay == 0.95
+    args = bq.parse_args(["--steps", "100", "--H", "10", "--codecs", "topk_m32", "none",
+                          "--ef-decay", "0.9"])
+    decays = {r["codec"]: r["ef_decay"] for r in bq.grid(args) if r["arm"] == "diloco"}
+    assert decays == {"topk_m32": 0.9, "none": 1.0}  # nothing to feed back without a codec
+    bq.compare(rows := [_row("sync", 2.0), _dl(2.1, 0, codec="topk_m32", ef_decay=0.9)])
+    assert "| topk_m32 (EF β 0.9) |" in bq.table(rows)

@@ -105,3 +105,52 @@ def test_remap_follows_index_map():
     for bad in [torch.tensor([7]), torch.tensor([-2]), torch.tensor([0.5]), torch.zeros(2, 2)]:
         with pytest.raises(ValueError):
             ef.remap(bad)
+
+
+def test_decayed_accumulator_keeps_the_discounted_sums():
+    """SparseLoCo's e <- β·e + x: after T rounds the residual is exactly what the
+    discounted inputs sent nothing of, Σ β^(T-t)·x_t − Σ β^(T-t)·sent_t (fp64 reference),
+    and with the sparse codec most of it stays local, which is the point."""
+    g = torch.Generator().manual_seed(3)
+    codec = get_codec("topk", 256)
+    beta = 0.9
+    ef = ErrorFeedback(codec, decay=beta)
+    n = 4096
+    acc_in = torch.zeros(n, dtype=torch.float64)
+    acc_sent = torch.zeros(n, dtype=torch.float64)
+    for _ in range(12):
+        x = torch.randn(n, generator=g)
+        sent = codec.decode(ef.compress(x)).double()
+        acc_in = beta * acc_in + x.double()
+        acc_sent = beta * acc_sent + sent
+        assert int((sent != 0).sum()) <= n // 32  # top-8 of 256 per block
+    err = (ef.residual.double() - (acc_in - acc_sent)).abs().max().item()
+    assert err < 1e-4
+    # Most of the discounted inputs are still local (1/32 of the entries leave per round).
+    assert 0.5 * acc_in.norm() < ef.residual.norm() < acc_in.norm()
+
+
+def test_decay_one_is_classic_error_feedback_bit_for_bit():
+    g = torch.Generator().manual_seed(4)
+    xs = [torch.randn(1000, generator=g) for _ in range(5)]
+    plain, one = ErrorFeedback(get_codec("int4", 64)), ErrorFeedback(get_codec("int4", 64), 1.0)
+    for x in xs:
+        assert torch.equal(plain.codec.decode(plain.compress(x)), one.codec.decode(one.compress(x)))
+    assert torch.equal(plain.residual, one.residual)
+
+
+def test_decay_changes_only_what_the_residual_carries():
+    g = torch.Generator().manual_seed(5)
+    codec = get_codec("int8", 64)
+    x1, x2 = torch.randn(300, generator=g), torch.randn(300, generator=g)
+    ef = ErrorFeedback(codec, decay=0.5)
+    ef.compress(x1)
+    r1 = ef.residual.clone()
+    enc = ef.compress(x2)
+    assert torch.equal(codec.decode(enc), codec.decode(codec.encode(x2 + 0.5 * r1)))
+
+
+@pytest.mark.parametrize("bad", [0.0, -0.1, 1.5, float("nan")])
+def test_decay_outside_zero_one_is_refused(bad):
+    with pytest.raises(ValueError, match="decay must lie in"):
+        ErrorFeedback(get_codec("int8", 64), decay=bad)

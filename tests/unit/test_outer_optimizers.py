@@ -15,7 +15,7 @@ from diloco_grow.growth import GrowthEvent, flat_index_map
 from diloco_grow.metrics import read_jsonl
 from diloco_grow.outer import OuterAdam, OuterSGD, warmup_lr, warmup_momentum
 from diloco_grow.simulate import SimSpec, simulate
-from diloco_grow.worker import GlobalState
+from diloco_grow.worker import GlobalState, Worker
 
 
 @pytest.fixture(scope="module")
@@ -294,6 +294,10 @@ def test_max_state_bytes_holds_theta_and_two_buffers():
         ({"momentum_warmup_steps": -1}, "outer.momentum_warmup_steps"),
         ({"momentum_warmup_steps": 2.5}, "outer.momentum_warmup_steps"),
         ({"momentum_warmup_steps": "10"}, "outer.momentum_warmup_steps"),
+        ({"error_feedback_decay": 0.0}, "outer.error_feedback_decay"),
+        ({"error_feedback_decay": 1.01}, "outer.error_feedback_decay"),
+        ({"error_feedback_decay": math.nan}, "outer.error_feedback_decay"),
+        ({"error_feedback_decay": "0.95"}, "outer.error_feedback_decay"),
         ({"nesterov": "yes"}, "outer.nesterov"),
         ({"lr": math.inf}, "outer.lr"),
         ({"lr": "0.7"}, "outer.lr"),
@@ -339,3 +343,26 @@ def test_simulate_with_outer_adam_and_resume(tmp_path, corpus):
     simulate(cfg, SimSpec(**{**spec.__dict__, "stop_after": 1}), corpus)
     resumed = simulate(cfg, SimSpec(**{**spec.__dict__, "resume": True}), corpus)
     assert resumed["params_hash"] == full["params_hash"]
+
+
+def test_ef_decay_reaches_each_worker_and_changes_only_what_it_sends(corpus):
+    """A worker's error-feedback decay (SparseLoCo) is its own: θ_g after the first
+    round is the same (the residual is still empty), the second round's mean differs."""
+    runs = {}
+    for decay in (1.0, 0.8):
+        cfg = cfg_for(compression="topk", error_feedback=True, error_feedback_decay=decay,
+                      momentum=0.0, lr=1.0)
+        g = GlobalState.init(cfg)
+        w = Worker(cfg, g, corpus, total_inner_steps=6)
+        assert w.feedback is not None and w.feedback.decay == decay
+        means = []
+        for _ in range(2):
+            w.inner_phase(3)
+            enc, _ = w.contribution(g)
+            mean = w.codec.decode(enc)
+            g.outer_step(mean)
+            w.sync_to(g)
+            means.append(mean)
+        runs[decay] = means
+    assert torch.equal(runs[1.0][0], runs[0.8][0])
+    assert not torch.equal(runs[1.0][1], runs[0.8][1])
