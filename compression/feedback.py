@@ -37,8 +37,8 @@ class ErrorFeedback:
             if self.residual.shape != xf.shape:
                 raise ValueError(f"input shape {tuple(xf.shape)} does not match the residual "
                                  f"shape {tuple(self.residual.shape)}; remap after growth")
-            r = self.residual.to(xf.device)
-            target = xf + (r if self.decay == 1.0 else self.decay * r)
+            # alpha = 1 multiplies exactly, so β = 1 is classic error feedback bit for bit.
+            target = xf.add(self.residual.to(xf.device), alpha=self.decay)
         enc = self.codec.encode(target)
         # In place: target becomes the new residual without another full-size allocation.
         target.sub_(self.codec.decode(enc, device=target.device))
