@@ -40,6 +40,10 @@ class Layout:
     # contributions has up to M times their non-zeros; re-encoding it sparse again drops
     # most of it, and no error-feedback buffer gets that back.
     reduced_as: str = ""
+    # Reducers divide each coordinate of the mean by the weight fraction of the members
+    # whose contribution is non-zero there (peers.robust.mean_over_senders): a sparse
+    # contribution's zeros mean "not sent", not "zero", and averaging them in dilutes it.
+    mean_over_senders: bool = False
 
     def payload_range(self, start: int, end: int, block_size: int) -> tuple[int, int]:
         """The payload bytes [lo, hi) that hold elements [start, end) (start block-aligned)."""
@@ -60,11 +64,14 @@ LAYOUTS: dict[str, Layout] = {
     # bitsandbytes' dynamic map lies in [-1, 1]; its smallest non-zero |code| is ~5.5e-7
     "bnb8": Layout(bits=8, scaled=True, code_max=1.0, min_scale=TINY),
     # K one-byte positions + K two-bit codes per block (compression/topk.py): K = 8, 32;
-    # topk_m32 sends topk's bytes, and its reducers send the mean as topk32.
+    # topk_m32 and topk_s32 send topk's bytes, and their reducers send the mean as topk32.
     "topk": Layout(bits=0, scaled=True, code_max=1.0, min_scale=TINY, block_bytes=10),
     "topk32": Layout(bits=0, scaled=True, code_max=1.0, min_scale=TINY, block_bytes=40),
     "topk_m32": Layout(bits=0, scaled=True, code_max=1.0, min_scale=TINY, block_bytes=10,
                        reduced_as="topk32"),
+    # topk_m32's bytes, but each coordinate is averaged over the members that sent it
+    "topk_s32": Layout(bits=0, scaled=True, code_max=1.0, min_scale=TINY, block_bytes=10,
+                       reduced_as="topk32", mean_over_senders=True),
     "fp16": Layout(bits=16, scaled=False, code_max=0.0, min_scale=0.0),
     "none": Layout(bits=32, scaled=False, code_max=0.0, min_scale=0.0),
 }
@@ -78,6 +85,7 @@ _REGISTRY: dict[str, tuple[str, str]] = {
     "topk": ("compression.topk", "TopkCodec"),
     "topk32": ("compression.topk", "Topk32Codec"),
     "topk_m32": ("compression.topk", "TopkM32Codec"),
+    "topk_s32": ("compression.topk", "TopkS32Codec"),
     "fp16": ("compression.passthrough", "Fp16Codec"),
     "none": ("compression.passthrough", "NoneCodec"),
 }

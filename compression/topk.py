@@ -7,7 +7,9 @@ sense with error feedback (compression/feedback.py): the dropped entries are not
 delayed -- on the worker. A reducer that re-encodes the mean of M such contributions with K = 8
 drops most of it for good (the mean has up to 8M non-zeros per block), so `topk_m32` sends
 `topk`'s bytes but its reducers send the mean as `topk32` (K = 32, 1.375 bits per element):
-the union of four contributions fits (LAYOUTS[...].reduced_as).
+the union of four contributions fits (LAYOUTS[...].reduced_as). `topk_s32` is `topk_m32` with
+a mean over the members that sent each coordinate instead of over all of them
+(LAYOUTS[...].mean_over_senders, peers.robust.mean_over_senders).
 
 Why a fixed number of bytes per block (LAYOUTS["topk"].block_bytes), even for the short last
 block: byte ranges stay whole blocks, so Encoded.slice / concat / shard_bounds cut it exactly
@@ -51,7 +53,7 @@ from compression.blockwise import CHUNK_ELEMS, check_encoded, dtype_name, flat_f
 from compression.codec import LAYOUTS, TINY, Encoded
 
 # entries sent per block, by codec name (a multiple of 4: the codes fill whole bytes)
-K_OF = {"topk": 8, "topk32": 32, "topk_m32": 8}
+K_OF = {"topk": 8, "topk32": 32, "topk_m32": 8, "topk_s32": 8}
 K = K_OF["topk"]
 MAX_BLOCK = 256  # a position must fit one byte
 _CODE_VALUES = np.array([0.5, 1.0, -0.5, -1.0], dtype=np.float32)  # indexed by the 2-bit code
@@ -186,3 +188,11 @@ class TopkM32Codec(TopkCodec):
     """`topk`'s encoding under its own name, so that rounds encode its mean as `topk32`."""
 
     name: ClassVar[str] = "topk_m32"
+
+
+@dataclass(frozen=True)
+class TopkS32Codec(TopkCodec):
+    """`topk_m32` whose reducers average each coordinate over the members that sent it
+    (Layout.mean_over_senders), so a coordinate one member sent is not diluted by M."""
+
+    name: ClassVar[str] = "topk_s32"

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 
-from compression.codec import Codec, Encoded, concat, reduced_name, shard_bounds
+from compression.codec import LAYOUTS, Codec, Encoded, concat, reduced_name, shard_bounds
 from compression.wire import pack
 from diloco_grow.outer import RoundResult, make_codec
 from peers.robust import Aggregate, RobustConfig, aggregate
@@ -39,7 +39,7 @@ def _reduce(
     robust: RobustConfig,
 ) -> tuple[Encoded, Aggregate]:
     parts = [codec.decode(enc).reshape(-1) for enc in shards]
-    agg = aggregate(parts, weights, robust)
+    agg = aggregate(parts, weights, robust, LAYOUTS[codec.name].mean_over_senders)
     return mean_codec.encode(agg.mean), agg
 
 

@@ -143,11 +143,51 @@ def plain_mean(parts: Sequence[torch.Tensor], weights: Sequence[float]) -> torch
     return acc
 
 
+def mean_over_senders(
+    mean: torch.Tensor, parts: Sequence[torch.Tensor], weights: Sequence[float]
+) -> torch.Tensor:
+    """Each coordinate of `mean` (a weighted mean of `parts`) divided by the weight
+    fraction of the parts that are non-zero there: for sparse contributions, the mean over
+    the members that sent the coordinate instead of over all of them.
+
+    Why: a top-k member that sends a coordinate drops it from its error feedback, while the
+    others, which did not send it, keep theirs. In a mean over all M members a coordinate
+    one member sent arrives at 1/M of its value and the rest of it is lost, so the outer lr
+    had to grow with M (docs/design.md, "Codecs below 4 bits"). Here it arrives whole, and
+    a coordinate everybody sent is the plain mean. Coordinates nobody sent stay zero.
+
+    Weights add up in fp64 in member order, the total in the same order, so a coordinate
+    every member sent is multiplied by exactly 1.0 and stays bit for bit the mean."""
+    total, sent = 0.0, torch.zeros(mean.numel(), dtype=torch.float64)
+    for x, w in zip(parts, weights, strict=True):
+        total += w
+        sent.add_((x.reshape(-1) != 0).to(torch.float64), alpha=w)
+    factor = torch.where(sent > 0, total / sent.clamp_min(math.ulp(0.0)), 1.0)
+    return (mean.reshape(-1).to(torch.float64) * factor).to(torch.float32)
+
+
 def aggregate(
-    parts: Sequence[torch.Tensor], weights: Sequence[float], cfg: RobustConfig
+    parts: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    cfg: RobustConfig,
+    over_senders: bool = False,
 ) -> Aggregate:
     """Combine one shard's decoded contributions (member order) robustly; see the module
-    docstring for the rules. Every part must be a fp32 1-D tensor of the same length."""
+    docstring for the rules. Every part must be a fp32 1-D tensor of the same length.
+
+    over_senders: divide each coordinate by the weight fraction of the members that sent
+    it (`mean_over_senders`), for sparse codecs whose contributions mostly hold zeros."""
+    agg, xs, ws = _aggregate(parts, weights, cfg)
+    if not over_senders or not xs:
+        return agg
+    return Aggregate(_finite(mean_over_senders(agg.mean, xs, ws)), agg.rejected, agg.clipped)
+
+
+def _aggregate(
+    parts: Sequence[torch.Tensor], weights: Sequence[float], cfg: RobustConfig
+) -> tuple[Aggregate, list[torch.Tensor], list[float]]:
+    """`aggregate` without the sender normalisation; also returns the contributions and
+    weights that the result averages (none when it carries no update)."""
     if not parts:
         raise ValueError("aggregate needs at least one contribution")
     if len(parts) != len(weights):
@@ -157,7 +197,10 @@ def aggregate(
         if x.dtype != torch.float32 or x.dim() != 1 or x.numel() != numel:
             raise ValueError(f"contributions must be fp32 1-D of length {numel}")
     if not cfg.enabled or numel == 0:  # an empty shard (more members than blocks) too
-        return Aggregate(plain_mean(parts, [float(w) for w in weights]), (), ())
+        ws = [float(w) for w in weights]
+        if sum(ws) <= 0:
+            ws = [1.0] * len(ws)  # plain_mean's unweighted mean
+        return Aggregate(plain_mean(parts, ws), (), ()), list(parts), ws
 
     # 1. Finite contributions with sane weights.
     rejected: list[tuple[int, str]] = []
@@ -173,14 +216,16 @@ def aggregate(
         else:
             rejected.append((i, "non-finite"))
     if not kept:  # nothing to trust: the shard carries no update this round
-        return Aggregate(torch.zeros(numel, dtype=torch.float32), tuple(rejected), ())
+        return Aggregate(torch.zeros(numel, dtype=torch.float32), tuple(rejected), ()), [], []
 
     # 2. Weight cap.
     capped_list = cap_weights([float(weights[i]) for i in kept], cfg.weight_cap)
     capped = dict(zip(kept, capped_list, strict=True))
     if len(kept) < MIN_ROBUST:
         xs, ws = [parts[i] for i in kept], [float(weights[i]) for i in kept]
-        return Aggregate(_finite(plain_mean(xs, ws)), tuple(rejected), ())
+        if sum(ws) <= 0:
+            ws = [1.0] * len(ws)
+        return Aggregate(_finite(plain_mean(xs, ws)), tuple(rejected), ()), xs, ws
 
     # 3a. Norm outliers.
     med = lower_median([norms[i] for i in kept])
@@ -197,7 +242,7 @@ def aggregate(
     if sum(ws) <= 0:
         ws = [1.0] * len(ws)  # only zero weights left: the unweighted mean, as plain does
     mean, clipped = _centered_clip(xs, ws, cfg)
-    return Aggregate(_finite(mean), tuple(rejected), tuple(kept[k] for k in clipped))
+    return Aggregate(_finite(mean), tuple(rejected), tuple(kept[k] for k in clipped)), xs, ws
 
 
 def _centered_clip(

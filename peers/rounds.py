@@ -47,7 +47,7 @@ from typing import NoReturn
 
 import torch
 
-from compression.codec import Codec, Encoded, get_codec, reduced_name, shard_bounds
+from compression.codec import LAYOUTS, Codec, Encoded, get_codec, reduced_name, shard_bounds
 from compression.wire import pack
 from peers.blame import Blame, Offence
 from peers.consensus import vote_hash
@@ -113,7 +113,9 @@ class RoundRunner:
         while len(reduced) < n_members:
             if len(parts) == n_members and i not in reduced:
                 marks.append(("parts_in", time.monotonic()))
-                rejected[i], enc = self._reduce(g, parts, mean_codec)
+                rejected[i], enc = self._reduce(
+                    g, parts, mean_codec, LAYOUTS[local.codec].mean_over_senders
+                )
                 reduced[i] = pack(enc)  # encoded ONCE; everyone decodes these bytes
                 for k, m in enumerate(members):
                     if k != i:
@@ -171,9 +173,14 @@ class RoundRunner:
         return mean.view(local.shape)
 
     def _reduce(
-        self, g: Group, parts: dict[int, torch.Tensor | None], mean_codec: Codec
+        self,
+        g: Group,
+        parts: dict[int, torch.Tensor | None],
+        mean_codec: Codec,
+        over_senders: bool,
     ) -> tuple[list[int], Encoded]:
-        """Our shard's robust mean (robust.py), encoded, and the members left out of it."""
+        """Our shard's robust mean (robust.py), encoded, and the members left out of it;
+        over_senders: the codec's `Layout.mean_over_senders`."""
         n = len(g.members)
         invalid = [k for k in range(n) if parts[k] is None]
         valid = [k for k in range(n) if parts[k] is not None]
@@ -181,6 +188,7 @@ class RoundRunner:
             [parts[k] for k in valid],  # type: ignore[misc]  # None filtered out above
             [g.members[k].weight for k in valid],
             self.robust,
+            over_senders,
         )
         out = sorted(invalid + [valid[j] for j, _ in agg.rejected])
         for j, why in agg.rejected:

@@ -4,7 +4,9 @@ in-process arithmetic (diloco_grow.local_averager) computes from the same inputs
 
 `topk_m32` sends topk's bytes (8 of 256 per block) but its reducers encode the mean as
 `topk32`: the mean of three sparse parts keeps more than 8 non-zeros in a block, which
-plain `topk` (mean re-encoded with K = 8) can never have.
+plain `topk` (mean re-encoded with K = 8) can never have. `topk_s32` is `topk_m32` whose
+reducers average each coordinate over the members that sent it: the swarm's reducers must
+compute exactly what the in-process arithmetic does.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ def _nnz_per_block(x: np.ndarray, block: int) -> np.ndarray:
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("codec_name", ["topk", "topk_m32"])
+@pytest.mark.parametrize("codec_name", ["topk", "topk_m32", "topk_s32"])
 def test_sparse_means_are_bit_identical_and_equal_the_local_arithmetic(swarm, tmp_path, codec_name):
     peers = swarm(
         N_PEERS,
@@ -48,7 +50,7 @@ def test_sparse_means_are_bit_identical_and_equal_the_local_arithmetic(swarm, tm
     block = codec.block_size
     mean_codec = get_codec(reduced_name(codec_name), block)
     k_sent, k_mean = K_OF[codec_name], K_OF[reduced_name(codec_name)]
-    assert (k_sent, k_mean) == ((8, 32) if codec_name == "topk_m32" else (8, 8))
+    assert (k_sent, k_mean) == ((8, 8) if codec_name == "topk" else (8, 32))
 
     for step in range(ROUNDS):
         rounds = [p.rounds()[step] for p in peers]

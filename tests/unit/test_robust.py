@@ -302,3 +302,41 @@ def test_local_averager_rejects_a_nan_worker(tmp_path):
     assert (res.mean - honest_only.mean).abs().max() <= 2 * honest_only.mean.abs().max() / 127
     plain = LocalAverager("int8", 256, OFF).average(contribs, step=0, params_hash="")
     assert plain.mean.abs().max() > 1e37
+
+
+def test_mean_over_senders_counts_only_the_members_that_sent_a_coordinate():
+    """Coordinate 0: only member 0 (weight 1) sent it; 1: members 0 and 1; 2: everybody;
+    3: nobody. Over all members a lone sender's value arrives at w/Σw of itself; over its
+    senders it arrives whole, and a coordinate everybody sent keeps the mean bit for bit."""
+    parts = [torch.tensor([2.0, 1.0, 0.3, 0.0]), torch.tensor([0.0, 3.0, 0.7, 0.0]),
+             torch.tensor([0.0, 0.0, 0.1, 0.0])]
+    weights = [1.0, 3.0, 4.0]
+    for cfg in (ON, OFF):  # 3 members: the robust path; and the plain one
+        mean = aggregate(parts, weights, cfg).mean
+        got = aggregate(parts, weights, cfg, over_senders=True).mean
+        assert got[0].item() == pytest.approx(2.0, rel=1e-6)  # was 2 · 1/8
+        assert mean[0].item() == pytest.approx(0.25, rel=1e-6)
+        assert got[1].item() == pytest.approx((1.0 * 1 + 3.0 * 3) / 4, rel=1e-6)
+        assert got[2].item() == mean[2].item()  # every member sent it: exactly the mean
+        assert got[3].item() == 0.0
+    # dense contributions (int8, fp32): nothing to normalise, the result is unchanged
+    xs = honest(5)
+    for cfg in (ON, OFF):
+        a, b = aggregate(xs, [1, 2, 3, 4, 5], cfg), aggregate(xs, [1, 2, 3, 4, 5], cfg, True)
+        assert torch.equal(a.mean, b.mean)
+
+
+def test_mean_over_senders_ignores_rejected_members_and_zero_weights():
+    """A NaN member is rejected before anyone counts senders, so it cannot dilute (or
+    inflate) the honest ones; a zero-weight sender counts nothing; all-zero weights fall
+    back to the unweighted mean, as plain_mean does."""
+    honest_parts = [torch.tensor([1.0, 0.0, 0.0, 2.0]), torch.tensor([0.0, 1.0, 0.0, 2.0]),
+                    torch.tensor([0.0, 0.0, 1.0, 2.0])]
+    nan = torch.tensor([1.0, float("nan"), 1.0, 1.0])
+    agg = aggregate([*honest_parts, nan], [1.0] * 4, ON, over_senders=True)
+    assert agg.rejected == ((3, "non-finite"),) and agg.clipped == ()
+    assert agg.mean.tolist() == pytest.approx([1.0, 1.0, 1.0, 2.0], rel=1e-6)  # not 3/4
+    two = aggregate(honest_parts[:2], [1.0, 0.0], OFF, over_senders=True)
+    assert two.mean.tolist() == [1.0, 0.0, 0.0, 2.0]  # member 1 has weight 0: it counts nothing
+    zero = aggregate(honest_parts, [0.0, 0.0, 0.0], OFF, over_senders=True)
+    assert zero.mean.tolist() == pytest.approx([1.0, 1.0, 1.0, 2.0], rel=1e-6)

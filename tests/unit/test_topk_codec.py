@@ -424,3 +424,33 @@ def test_topk_m32_reducers_keep_the_union_of_four_contributions():
             scale = per_block(exact, 256).abs().amax(1, keepdim=True)
             assert bool(((per_block(res.mean - exact, 256)).abs() <= scale / 4 + 1e-6).all())
     assert kept["topk_m32"] > 0.9 and kept["topk"] < 0.35
+
+
+def test_topk_s32_averages_each_coordinate_over_its_senders():
+    """topk_s32 sends topk_m32's bytes and encodes the mean as topk32 too, but divides each
+    coordinate by the weight fraction of the members that sent it. With disjoint supports
+    (every coordinate sent by one member of four) that is exactly 4× topk_m32's mean: the
+    factor is a power of two, so the topk32 encoding scales with it bit for bit."""
+    assert LAYOUTS["topk_s32"].mean_over_senders and not LAYOUTS["topk_m32"].mean_over_senders
+    assert LAYOUTS["topk_s32"].reduced_as == "topk32"
+    assert LAYOUTS["topk_s32"].block_bytes == LAYOUTS["topk_m32"].block_bytes
+    n, workers = 256 * 16, 4
+    g = torch.Generator().manual_seed(7)
+    xs = []
+    for w in range(workers):  # member w owns positions 8w..8w+7 of every block
+        x = torch.zeros(n // 256, 256)
+        x[:, 8 * w : 8 * w + 8] = torch.randn(n // 256, 8, generator=g)
+        xs.append(x.reshape(-1))
+    means = {}
+    for name in ("topk_m32", "topk_s32"):
+        codec = get_codec(name)
+        encs = [(codec.encode(x), 1.0) for x in xs]
+        assert len(pack(encs[0][0])) == len(pack(get_codec("topk_m32").encode(xs[0])))
+        means[name] = LocalAverager(name, 256).average(encs, step=0, params_hash="x").mean
+    assert torch.equal(means["topk_s32"], 4 * means["topk_m32"])
+    # a coordinate all four sent is their plain mean (factor exactly 1), not 4×
+    same = {name: LocalAverager(name, 256).average(
+        [(get_codec(name).encode(xs[0]), 1.0)] * workers, step=0, params_hash="x").mean
+        for name in ("topk_m32", "topk_s32")}
+    assert torch.equal(same["topk_s32"], same["topk_m32"])
+    assert same["topk_s32"].count_nonzero() > 0
