@@ -29,6 +29,13 @@ quarter of a full phase). Only step 1 applies, and the result is the weighted me
 Members defend themselves with `check_reduced` (a reduced shard far larger than their own
 contribution), which also catches a lying reducer at any P.
 
+Sparse codecs (`topk_s32`, Layout.mean_over_senders) then divide each coordinate by the
+weight fraction of the kept members that sent it (`mean_over_senders`). That lifts the
+weight's bound on a member's reach over the coordinates only it sent: its clipped pull
+there, at most w·τ/Σw, is scaled by Σw/w, so it is bounded by τ itself, whatever weight it
+claims (a tiny claimed weight buys nothing more). τ is about two honest norms; the plain
+sparse mean with the outer lr ≈ M it needs (docs/design.md) reaches as far.
+
 Medians of scalars (weights, norms, distances) are the *lower* median: with an even count
 it is the smaller middle value, which an inflating member cannot raise. The coordinate-wise
 center takes the mean of the two middle values (the symmetric median), so it is unbiased.
@@ -151,10 +158,11 @@ def mean_over_senders(
     the members that sent the coordinate instead of over all of them.
 
     Why: a top-k member that sends a coordinate drops it from its error feedback, while the
-    others, which did not send it, keep theirs. In a mean over all M members a coordinate
-    one member sent arrives at 1/M of its value and the rest of it is lost, so the outer lr
-    had to grow with M (docs/design.md, "Codecs below 4 bits"). Here it arrives whole, and
-    a coordinate everybody sent is the plain mean. Coordinates nobody sent stay zero.
+    others, which did not send it, keep theirs for later. In a mean over all M members a
+    coordinate one member sent arrives at 1/M of its value, so a round moves θ_g far less
+    than a dense mean would and the outer lr had to grow with M (docs/design.md, "Codecs
+    below 4 bits"). Here it arrives whole, and a coordinate everybody sent is the plain
+    mean: an effective lr between 1 and M per coordinate. Coordinates nobody sent stay 0.
 
     Weights add up in fp64 in member order, the total in the same order, so a coordinate
     every member sent is multiplied by exactly 1.0 and stays bit for bit the mean."""
