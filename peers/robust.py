@@ -32,9 +32,11 @@ contribution), which also catches a lying reducer at any P.
 Sparse codecs (`topk_s32`, Layout.mean_over_senders) then divide each coordinate by the
 weight fraction of the kept members that sent it (`mean_over_senders`). That lifts the
 weight's bound on a member's reach over the coordinates only it sent: its clipped pull
-there, at most w·τ/Σw, is scaled by Σw/w, so it is bounded by τ itself, whatever weight it
-claims (a tiny claimed weight buys nothing more). τ is about two honest norms; the plain
-sparse mean with the outer lr ≈ M it needs (docs/design.md) reaches as far.
+there, at most w·τ/Σw per iteration, is scaled by Σw/w, so it is bounded by about τ per
+iteration (`iters` · τ in all), whatever weight it claims; a tiny claimed weight buys
+nothing more. Measured: an attacker at 9× the median norm reaches 1.2–2.1 τ at claimed
+weights 1e-6 to the cap (tests/unit/test_robust.py). The plain sparse mean at the outer
+lr ≈ M it needs (docs/design.md) reaches comparably far.
 
 Medians of scalars (weights, norms, distances) are the *lower* median: with an even count
 it is the smaller middle value, which an inflating member cannot raise. The coordinate-wise

@@ -340,3 +340,32 @@ def test_mean_over_senders_ignores_rejected_members_and_zero_weights():
     assert two.mean.tolist() == [1.0, 0.0, 0.0, 2.0]  # member 1 has weight 0: it counts nothing
     zero = aggregate(honest_parts, [0.0, 0.0, 0.0], OFF, over_senders=True)
     assert zero.mean.tolist() == pytest.approx([1.0, 1.0, 1.0, 2.0], rel=1e-6)
+
+
+def test_over_senders_reach_of_a_lone_attacker_is_bounded_by_clipping_not_weight():
+    """With the senders' mean, a member's coordinates that nobody else sent arrive whole
+    (divided by its own weight fraction), so its claimed weight no longer bounds them;
+    CenteredClip does: its pull is at most τ = clip_factor × the median distance per
+    iteration. Here 4 honest sparse members (disjoint supports) and one attacker at 9× the
+    median norm (under reject_factor) on coordinates of its own: robust, its reach stays
+    within iters × τ at any claimed weight, and a tiny weight buys nothing more; with the
+    robust rules off it lands whole (9×)."""
+    g = torch.Generator().manual_seed(0)
+    xs = []
+    for i in range(4):
+        x = torch.zeros(N)
+        x[i * 64 : (i + 1) * 64] = torch.randn(64, generator=g)
+        xs.append(x)
+    norms = sorted(float(x.norm()) for x in xs)
+    attack = torch.zeros(N)
+    attack[1000:1064] = 1.0
+    attack *= 9 * norms[1] / float(attack.norm())
+    reach = {}
+    for w in (1e-6, 1.0, ON.weight_cap):
+        got = aggregate([*xs, attack], [1.0] * 4 + [w], ON, over_senders=True)
+        assert got.rejected == () and got.clipped == (4,)
+        reach[w] = float(got.mean[1000:1064].norm())
+        assert reach[w] <= ON.iters * ON.clip_factor * norms[-1]
+        off = aggregate([*xs, attack], [1.0] * 4 + [w], OFF, over_senders=True)
+        assert float(off.mean[1000:1064].norm()) == pytest.approx(9 * norms[1], rel=1e-5)
+    assert reach[1e-6] <= reach[1.0] <= reach[ON.weight_cap]
