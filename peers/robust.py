@@ -167,7 +167,10 @@ def mean_over_senders(
     mean: an effective lr between 1 and M per coordinate. Coordinates nobody sent stay 0.
 
     Weights add up in fp64 in member order, the total in the same order, so a coordinate
-    every member sent is multiplied by exactly 1.0 and stays bit for bit the mean."""
+    every member sent is multiplied by exactly 1.0 and stays bit for bit the mean. With
+    Σw <= 0 every part counts 1, as in plain_mean's unweighted mean."""
+    if sum(weights) <= 0:
+        weights = [1.0] * len(weights)
     total, sent = 0.0, torch.zeros(mean.numel(), dtype=torch.float64)
     for x, w in zip(parts, weights, strict=True):
         total += w
@@ -208,8 +211,6 @@ def _aggregate(
             raise ValueError(f"contributions must be fp32 1-D of length {numel}")
     if not cfg.enabled or numel == 0:  # an empty shard (more members than blocks) too
         ws = [float(w) for w in weights]
-        if sum(ws) <= 0:
-            ws = [1.0] * len(ws)  # plain_mean's unweighted mean
         return Aggregate(plain_mean(parts, ws), (), ()), list(parts), ws
 
     # 1. Finite contributions with sane weights.
@@ -233,8 +234,6 @@ def _aggregate(
     capped = dict(zip(kept, capped_list, strict=True))
     if len(kept) < MIN_ROBUST:
         xs, ws = [parts[i] for i in kept], [float(weights[i]) for i in kept]
-        if sum(ws) <= 0:
-            ws = [1.0] * len(ws)
         return Aggregate(_finite(plain_mean(xs, ws)), tuple(rejected), ()), xs, ws
 
     # 3a. Norm outliers.
