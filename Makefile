@@ -21,7 +21,7 @@ demo: install
 	$(BIN)/diloco-grow demo --peers 3 --minutes 3 --inner-steps 50 --grow "experts:2@15"
 
 test: install
-	$(BIN)/python -m pytest -q -m "not slow" tests
+	$(BIN)/python -m pytest -q -m "not slow" --durations=25 tests
 
 test-all: install
 	$(BIN)/python -m pytest -q tests
