@@ -63,7 +63,7 @@ LAYOUTS: dict[str, Layout] = {
     "int4": Layout(bits=4, scaled=True, code_max=8.0, min_scale=2.0**-110),  # nibble 0 -> -8
     # bitsandbytes' dynamic map lies in [-1, 1]; its smallest non-zero |code| is ~5.5e-7
     "bnb8": Layout(bits=8, scaled=True, code_max=1.0, min_scale=TINY),
-    # K one-byte positions + K two-bit codes per block (compression/topk.py): K = 8, 32;
+    # K one-byte positions + K two-bit codes per block (compression/topk.py): K = 4, 8, 16, 32;
     # topk_m32 and topk_s32 send topk's bytes, and their reducers send the mean as topk32.
     "topk": Layout(bits=0, scaled=True, code_max=1.0, min_scale=TINY, block_bytes=10),
     "topk32": Layout(bits=0, scaled=True, code_max=1.0, min_scale=TINY, block_bytes=40),
@@ -72,6 +72,10 @@ LAYOUTS: dict[str, Layout] = {
     # topk_m32's bytes, but each coordinate is averaged over the members that sent it
     "topk_s32": Layout(bits=0, scaled=True, code_max=1.0, min_scale=TINY, block_bytes=10,
                        reduced_as="topk32", mean_over_senders=True),
+    # half of everything: K = 4 sent, the mean over senders as topk16 (4 members' union fits)
+    "topk16": Layout(bits=0, scaled=True, code_max=1.0, min_scale=TINY, block_bytes=20),
+    "topk_s16": Layout(bits=0, scaled=True, code_max=1.0, min_scale=TINY, block_bytes=5,
+                       reduced_as="topk16", mean_over_senders=True),
     "fp16": Layout(bits=16, scaled=False, code_max=0.0, min_scale=0.0),
     "none": Layout(bits=32, scaled=False, code_max=0.0, min_scale=0.0),
 }
@@ -86,6 +90,8 @@ _REGISTRY: dict[str, tuple[str, str]] = {
     "topk32": ("compression.topk", "Topk32Codec"),
     "topk_m32": ("compression.topk", "TopkM32Codec"),
     "topk_s32": ("compression.topk", "TopkS32Codec"),
+    "topk16": ("compression.topk", "Topk16Codec"),
+    "topk_s16": ("compression.topk", "TopkS16Codec"),
     "fp16": ("compression.passthrough", "Fp16Codec"),
     "none": ("compression.passthrough", "NoneCodec"),
 }

@@ -11,7 +11,8 @@ from compression.codec import Encoded, codec_names, concat, get_codec, shard_bou
 
 FLT_MAX = torch.finfo(torch.float32).max
 QMAX = {"int8": 127, "int4": 7}
-ALL = ["int8", "int4", "topk", "topk32", "topk_m32", "topk_s32", "bnb8", "fp16", "none"]
+ALL = ["int8", "int4", "topk", "topk32", "topk_m32", "topk_s32", "topk16", "topk_s16",
+       "bnb8", "fp16", "none"]
 
 
 def block_absmax(x: torch.Tensor, block: int) -> torch.Tensor:

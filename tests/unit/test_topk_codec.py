@@ -454,3 +454,29 @@ def test_topk_s32_averages_each_coordinate_over_its_senders():
         for name in ("topk_m32", "topk_s32")}
     assert torch.equal(same["topk_s32"], same["topk_m32"])
     assert same["topk_s32"].count_nonzero() > 0
+
+
+def test_topk_s16_sends_four_per_block_and_its_mean_keeps_four_members_union():
+    """topk_s16: K = 4 per block on the way out ((4 + 1) payload bytes + a 4-byte scale per
+    256 elements), the mean over senders as topk16 on the way back. Four members with
+    disjoint top-4 supports fill exactly 16 slots, so the reduced mean keeps every sent
+    element, each at its sender's decoded value (one sender per coordinate: factor 1)."""
+    assert LAYOUTS["topk_s16"].reduced_as == "topk16" and LAYOUTS["topk_s16"].mean_over_senders
+    assert (LAYOUTS["topk_s16"].block_bytes, LAYOUTS["topk16"].block_bytes) == (5, 20)
+    n, workers = 256 * 16, 4
+    g = torch.Generator().manual_seed(11)
+    codec = get_codec("topk_s16")
+    xs = []
+    for w in range(workers):  # member w's four largest live at positions 4w..4w+3
+        x = 0.01 * torch.randn(n // 256, 256, generator=g)
+        x[:, 4 * w : 4 * w + 4] = 1.0 + torch.rand(n // 256, 4, generator=g)
+        xs.append(x.reshape(-1))
+    encs = [(codec.encode(x), 1.0) for x in xs]
+    assert encs[0][0].payload.numel() == (n // 256) * 5
+    sent = [codec.decode(e) for e, _ in encs]
+    assert all(int(s.reshape(-1, 256).count_nonzero(1).max()) == 4 for s in sent)
+    mean = LocalAverager("topk_s16", 256).average(encs, step=0, params_hash="x").mean
+    union = sum(sent)  # disjoint supports: the senders' mean of a coordinate is its value
+    assert torch.equal(mean != 0, union != 0)
+    scale = per_block(union, 256).abs().amax(1, keepdim=True)
+    assert bool((per_block(mean - union, 256).abs() <= scale / 4 + 1e-6).all())

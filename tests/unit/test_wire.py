@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 from compression.codec import Encoded, get_codec
 from compression.wire import WireError, WireLimits, pack, pack_message, unpack, unpack_message
 
-ALL = ["int8", "int4", "topk", "topk32", "topk_m32", "topk_s32", "bnb8", "fp16", "none"]
+ALL = ["int8", "int4", "topk", "topk32", "topk_m32", "topk_s32", "topk16", "topk_s16",
+       "bnb8", "fp16", "none"]
 
 
 def frame_of(name: str = "int8", n: int = 1000, **override) -> bytes:
