@@ -97,9 +97,13 @@ class RoundRunner:
         # for sparse contributions): encoded once, decoded by everyone.
         mean_codec = get_codec(reduced_name(local.codec), local.block_size)
         marks = [("start", time.monotonic())]  # phase timeline for the debug log
+        sent = 0
         for k, m in enumerate(members):
             if k != i:
                 self._send(m, "PART", g, payload=pack(local.slice(*bounds[k])), shard=k)
+                sent += 1
+                if sent == 1:
+                    self._hook("mid_parts", g.step, g)  # a fault here: some lack our PART
         marks.append(("parts_sent", time.monotonic()))
         self._hook("after_parts", g.step, g)
 
@@ -125,7 +129,14 @@ class RoundRunner:
                 mean[bounds[i][0] : bounds[i][1]] = mean_codec.decode(enc).view(-1)
                 marks.append(("reduced_sent", time.monotonic()))
                 continue
-            msg, k = self._next(g, min(deadline, progress + self.phase_timeout_s))
+            # A reducer can only send its REDUCED once it holds every PART: one that is
+            # itself owed a PART (its sender crashed with frames in flight) is honest and
+            # times out first, on the same clock. So we wait twice as long for REDUCEDs as
+            # for PARTs: the stuck reducer's ABORT, naming the true culprit, reaches us
+            # before we would blame it for the silence it did not cause.
+            owe_parts = len(parts) < n_members
+            patience = self.phase_timeout_s * (1 if owe_parts else 2)
+            msg, k = self._next(g, min(deadline, progress + patience))
             if msg is None:
                 # Silence: whoever still owes us a frame is the culprit (a withheld PART
                 # or REDUCED must not stall this step: the culprit sits out the retry).
@@ -133,7 +144,7 @@ class RoundRunner:
                 owed = owed or [k for k in range(n_members) if k not in reduced]
                 self._abort(
                     g,
-                    f"no progress for {self.phase_timeout_s:.1f}s",
+                    f"no progress for {patience:.1f}s",
                     culprits=[members[k].peer_id for k in owed],
                 )
             if msg.kind == "PART" and msg.body["shard"] == i and k not in parts:

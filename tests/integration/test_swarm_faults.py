@@ -7,6 +7,7 @@ included the faulty peer), agree bit for bit, and never apply a partial round.
 from __future__ import annotations
 
 import signal
+import time
 
 import pytest
 from swarm_harness import Launcher, check_round
@@ -26,10 +27,21 @@ def _fault_test(swarm, tmp_path, victim: int, phase: str, sig: int) -> None:
         p.wait_for("ready")
     seed_of = {p.ready["peer_id"]: p.seed for p in peers}
     peers[victim].wait_for("fault")
+    if phase == "mid_parts":
+        time.sleep(1.0)  # its first PART arrives: one survivor can reduce, the other cannot
     peers[victim].signal_group(sig)
     survivors = [p for p in peers if p.seed != victim]
     for p in survivors:
         p.wait_for("done")
+    # A survivor that waited for the victim's frames is honest: no survivor blames another
+    # on its own evidence (that would make it sit out, and two survivors that shut each
+    # other out with --min-peers 2 stall the step until the round timeout).
+    for p in survivors:
+        for q in survivors:
+            assert f"blame peer={q.ready['peer_id']} " not in p.err_path.read_text(), (
+                p.seed,
+                p.err_path.read_text()[-3000:],
+            )
     check_round(tmp_path, peers, 0, [0, 1, 2])  # before the fault, all three agree
     for step in (1, 2):
         members = survivors[0].rounds()[step]["members"]
@@ -46,6 +58,9 @@ def _fault_test(swarm, tmp_path, victim: int, phase: str, sig: int) -> None:
     "victim,phase",
     [
         (2, "after_parts"),  # in the default run: the real crash test stays in CI
+        # Killed between its PARTs: one survivor holds every PART and waits for the
+        # other's REDUCED, which waits for the victim's PART. Only the victim is blamed.
+        (1, "mid_parts"),
         pytest.param(0, "before_commit", marks=pytest.mark.slow),
     ],
 )
