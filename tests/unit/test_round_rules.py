@@ -326,6 +326,19 @@ def test_a_lone_swarm_peer_keeps_its_state_against_one_fresh_joiner():
     assert not v.ok and v.source is solo
 
 
+def test_two_fresh_joiners_do_not_confirm_a_lone_founders_solo_rounds():
+    """The accepted price of the two-holder rule (docs/design.md): a founder's solo rounds
+    on top of the initial θ_g look like a forged claim, so two joiners keep the init, and
+    once they averaged it together (2 members) the founder adopts their line."""
+    founder = rec(A, 3, "s3", ((0, "init", 0), *chain("s", range(1, 4), 1)))
+    joiners = [rec(p, 0, "init", ((0, "init", 0),)) for p in (D, E)]
+    recs = [founder, *joiners]
+    assert all(verdict(j, recs).ok for j in joiners)
+    pair = [rec(p, 1, "j1", ((0, "init", 0), (1, "j1", 2))) for p in (D, E)]
+    v = verdict(founder, [founder, *pair])
+    assert not v.ok and v.source.claim == (0, 1, "j1") and "diverged" in v.reason
+
+
 def test_fresh_joiners_never_overwrite_a_swarm_past_the_window():
     joiners = [rec(p, 0, "init", ((0, "init", 0),)) for p in (D, E, F)]
     swarm = [on_line(p, 20, "s", members=2) for p in (A, B)]
