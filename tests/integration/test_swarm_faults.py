@@ -33,9 +33,9 @@ def _fault_test(swarm, tmp_path, victim: int, phase: str, sig: int) -> None:
     survivors = [p for p in peers if p.seed != victim]
     for p in survivors:
         p.wait_for("done")
-    # A survivor that waited for the victim's frames is honest: no survivor blames another
-    # on its own evidence (that would make it sit out, and two survivors that shut each
-    # other out with --min-peers 2 stall the step until the round timeout).
+    # A survivor that waited for the victim's frames is honest: no survivor blames another,
+    # on any evidence (the accused would sit out, and two survivors that shut each other
+    # out with --min-peers 2 stall the step until the round timeout).
     for p in survivors:
         for q in survivors:
             assert f"blame peer={q.ready['peer_id']} " not in p.err_path.read_text(), (
