@@ -37,11 +37,9 @@ def _fault_test(swarm, tmp_path, victim: int, phase: str, sig: int) -> None:
     # on any evidence (the accused would sit out, and two survivors that shut each other
     # out with --min-peers 2 stall the step until the round timeout).
     for p in survivors:
+        log = p.err_path.read_text()
         for q in survivors:
-            assert f"blame peer={q.ready['peer_id']} " not in p.err_path.read_text(), (
-                p.seed,
-                p.err_path.read_text()[-3000:],
-            )
+            assert f"blame peer={q.ready['peer_id']} " not in log, (p.seed, log[-3000:])
     check_round(tmp_path, peers, 0, [0, 1, 2])  # before the fault, all three agree
     for step in (1, 2):
         members = survivors[0].rounds()[step]["members"]
