@@ -46,6 +46,9 @@ DILOCO_FIELDS = SYNC_FIELDS + ("H", "codec", "outer_opt", "outer_lr", "outer_mom
                                "outer_warmup")  # + outer_momentum_warmup, ef_decay: keyed when set
 
 
+VAL_BATCHES = 16  # --val-batches default; the committed rows were measured on it
+
+
 def run_key(run: dict[str, Any]) -> str:
     fields = DILOCO_FIELDS if run["arm"] == "diloco" else SYNC_FIELDS
     blob = json.dumps({"arm": run["arm"], **{k: run[k] for k in fields}}, sort_keys=True)
@@ -53,6 +56,10 @@ def run_key(run: dict[str, Any]) -> str:
     # without them) still resume. A GPU run is another run (other kernels, other rounding).
     if run.get("device", "cpu") != "cpu":
         blob += "|" + run["device"]
+    # Another val set is another measurement: its rows must neither resume nor pair with
+    # rows of the default one.
+    if run.get("val_batches", VAL_BATCHES) != VAL_BATCHES:
+        blob += f"|val{run['val_batches']}"
     if run["arm"] == "diloco" and run.get("outer_momentum_warmup", 0):
         blob += f"|mwarm{run['outer_momentum_warmup']}"
     if run["arm"] == "diloco" and run.get("ef_decay", 1.0) != 1.0:
@@ -143,7 +150,7 @@ def read_rows(path: Path) -> dict[str, dict[str, Any]]:
 def compare(rows: list[dict[str, Any]]) -> None:
     """Add each DiLoCo row's gap to the tuned (best-lr) sync run of its budget, in place."""
     def budget(r: dict[str, Any]) -> tuple:
-        return (r.get("device", "cpu"),) + tuple(
+        return (r.get("device", "cpu"), r.get("val_batches", VAL_BATCHES)) + tuple(
             r[k] for k in SYNC_FIELDS if k not in ("inner_lr", "inner_warmup"))
 
     best: dict[tuple, dict[str, Any]] = {}
@@ -280,7 +287,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--batch-size", type=int, default=4, help="per worker and step")
     ap.add_argument("--steps", type=int, default=1200, help="inner steps per worker (budget)")
     ap.add_argument("--inner-warmup", type=int, default=50)
-    ap.add_argument("--val-batches", type=int, default=16)
+    ap.add_argument("--val-batches", type=int, default=VAL_BATCHES)
     # grid axes: every combination runs
     ap.add_argument("--workers", type=int, nargs="+", default=[4])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])

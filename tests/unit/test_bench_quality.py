@@ -131,3 +131,15 @@ def test_ef_decay_is_keyed_only_below_one_and_reaches_the_worker() -> None:
     assert decays == {"topk_m32": 0.9, "none": 1.0}  # nothing to feed back without a codec
     bq.compare(rows := [_row("sync", 2.0), _dl(2.1, 0, codec="topk_m32", ef_decay=0.9)])
     assert "| topk_m32 (EF β 0.9) |" in bq.table(rows)
+
+
+def test_another_val_set_is_another_run_and_another_baseline() -> None:
+    row = _target_row()
+    assert row["val_batches"] == bq.VAL_BATCHES
+    assert bq.run_key({**row, "val_batches": 64}) != row["key"]
+    # A DiLoCo run on 64 val batches is compared with the sync run on 64, even though the
+    # sync run on the default 16 scored lower.
+    rows = [_row("sync", 1.0, val_batches=16), _row("sync", 2.0, val_batches=64),
+            _row("diloco", 2.1, val_batches=64)]
+    bq.compare(rows)
+    assert rows[2]["sync_val_loss"] == 2.0 and abs(rows[2]["gap_pct"] - 5.0) < 1e-9
