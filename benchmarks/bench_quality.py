@@ -251,16 +251,19 @@ def seed_means(rows: list[dict[str, Any]]) -> str:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    """One line per run (sync first); a seed column once the file holds several seeds,
-    then the mean over seeds of every setting run on more than one."""
+    """One line per run (sync first); a seed column once the file holds several seeds, a
+    val-batches column once it holds several val sets (gaps pair within one), then the
+    mean over seeds of every setting run on more than one."""
     seeded = len({r["seed"] for r in rows}) > 1
-    sd = " seed |" if seeded else ""
+    vals = len({r.get("val_batches", VAL_BATCHES) for r in rows}) > 1
+    sd = (" seed |" if seeded else "") + (" val batches |" if vals else "")
     head = (f"| workers | steps |{sd} {DILOCO_HEAD} | val loss | gap to tuned sync | "
             "× fewer bytes |")
-    lines = [head, "|---" * (13 if seeded else 12) + "|"]
+    lines = [head, "|---" * (12 + seeded + vals) + "|"]
 
     def seed(r: dict[str, Any]) -> str:
-        return f" {r['seed']} |" if seeded else ""
+        return ((f" {r['seed']} |" if seeded else "")
+                + (f" {r.get('val_batches', VAL_BATCHES)} |" if vals else ""))
 
     syncs = [r for r in rows if r["arm"] == "sync"]
     for s in sorted(syncs, key=lambda r: (r["workers"], r["steps"], r["seed"], r["inner_lr"])):

@@ -140,6 +140,11 @@ def test_another_val_set_is_another_run_and_another_baseline() -> None:
     # A DiLoCo run on 64 val batches is compared with the sync run on 64, even though the
     # sync run on the default 16 scored lower.
     rows = [_row("sync", 1.0, val_batches=16), _row("sync", 2.0, val_batches=64),
-            _row("diloco", 2.1, val_batches=64)]
+            _row("diloco", 2.1, val_batches=64, H=10, codec="int8", outer_opt="sgd",
+                 outer_lr=0.7, outer_momentum=0.6, outer_warmup=0)]
     bq.compare(rows)
     assert rows[2]["sync_val_loss"] == 2.0 and abs(rows[2]["gap_pct"] - 5.0) < 1e-9
+    # The table says which val set each row was measured on once a file holds two.
+    lines = bq.table(rows).splitlines()
+    assert "val batches" in lines[0] and lines[0].count("|") == lines[1].count("|")
+    assert "val batches" not in bq.table(rows[1:]).splitlines()[0]
