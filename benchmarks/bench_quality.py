@@ -261,19 +261,19 @@ def table(rows: list[dict[str, Any]]) -> str:
             "× fewer bytes |")
     lines = [head, "|---" * (12 + seeded + vals) + "|"]
 
-    def seed(r: dict[str, Any]) -> str:
+    def cells(r: dict[str, Any]) -> str:  # the optional seed and val-batches columns
         return ((f" {r['seed']} |" if seeded else "")
                 + (f" {r.get('val_batches', VAL_BATCHES)} |" if vals else ""))
 
     syncs = [r for r in rows if r["arm"] == "sync"]
     for s in sorted(syncs, key=lambda r: (r["workers"], r["steps"], r["seed"], r["inner_lr"])):
-        lines.append(f"| {s['workers']} | {s['steps']} |{seed(s)} – | sync DP | AdamW | – | – | "
+        lines.append(f"| {s['workers']} | {s['steps']} |{cells(s)} – | sync DP | AdamW | – | – | "
                      f"– | {s['inner_lr']:g} | {s['val_loss']:.4f} | – | 1 |")
     dil = [r for r in rows if r["arm"] == "diloco"]
     for r in sorted(dil, key=lambda r: (r["workers"], r["steps"], r.get("gap_pct", 1e9))):
         gap = f"{r['gap_pct']:+.2f}%" if "gap_pct" in r else "no sync run"
         ratio = f"{r['bytes_ratio']:.0f}" if "bytes_ratio" in r else "–"
-        lines.append(f"| {r['workers']} | {r['steps']} |{seed(r)} {_diloco_cells(r)} | "
+        lines.append(f"| {r['workers']} | {r['steps']} |{cells(r)} {_diloco_cells(r)} | "
                      f"{r['val_loss']:.4f} | {gap} | {ratio} |")
     means = seed_means(rows)
     out = "\n".join(lines) + "\n"
