@@ -47,6 +47,7 @@ DILOCO_FIELDS = SYNC_FIELDS + ("H", "codec", "outer_opt", "outer_lr", "outer_mom
 
 
 VAL_BATCHES = 16  # --val-batches default; the committed rows were measured on it
+INNER_CLIP = 1.0  # --inner-clip default (InnerConfig.clip); keyed only when another
 
 
 def run_key(run: dict[str, Any]) -> str:
@@ -60,6 +61,8 @@ def run_key(run: dict[str, Any]) -> str:
     # rows of the default one.
     if run.get("val_batches", VAL_BATCHES) != VAL_BATCHES:
         blob += f"|val{run['val_batches']}"
+    if run.get("inner_clip", INNER_CLIP) != INNER_CLIP:
+        blob += f"|clip{run['inner_clip']}"
     if run["arm"] == "diloco" and run.get("outer_momentum_warmup", 0):
         blob += f"|mwarm{run['outer_momentum_warmup']}"
     if run["arm"] == "diloco" and run.get("ef_decay", 1.0) != 1.0:
@@ -74,6 +77,7 @@ def run_config(run: dict[str, Any]) -> dict[str, Any]:
         "model": {"preset": run["preset"], "seq_len": run["seq_len"]},
         "inner": {"lr": run["inner_lr"], "batch_size": run["batch_size"],
                   "warmup_steps": run["inner_warmup"], "schedule": "cosine",
+                  "clip": run.get("inner_clip", INNER_CLIP),
                   "steps": run["H"]},
         "data": {"val_batches": run["val_batches"]},
     }
@@ -113,6 +117,7 @@ def train_one(run: dict[str, Any], work: str) -> dict[str, Any]:
 def grid(args: argparse.Namespace) -> list[dict[str, Any]]:
     base = {"preset": args.preset, "seq_len": args.seq_len, "batch_size": args.batch_size,
             "steps": args.steps, "inner_warmup": args.inner_warmup,
+            "inner_clip": args.inner_clip,
             "val_batches": args.val_batches}
     if args.device != "cpu":
         base["device"] = args.device
@@ -217,13 +222,18 @@ def plot_pareto(rows: list[dict[str, Any]], path: Path) -> None:
 DILOCO_HEAD = "H | codec | outer | lr | μ | warm lr/μ | inner lr"
 
 
+def _inner_lr_cell(r: dict[str, Any]) -> str:
+    clip = r.get("inner_clip", INNER_CLIP)
+    return f"{r['inner_lr']:g}" + (f" (clip {clip:g})" if clip != INNER_CLIP else "")
+
+
 def _diloco_cells(r: dict[str, Any]) -> str:
     # A decayed error feedback (SparseLoCo) is part of how the codec is used.
     decay = r.get("ef_decay", 1.0)
     codec = r["codec"] + (f" (EF β {decay:g})" if decay != 1.0 else "")
     return (f"{r['H']} | {codec} | {r['outer_opt']} | {r['outer_lr']:g} | "
             f"{r['outer_momentum']:g} | {r['outer_warmup']}/{r.get('outer_momentum_warmup', 0)}"
-            f" | {r['inner_lr']:g}")
+            f" | {_inner_lr_cell(r)}")
 
 
 def seed_means(rows: list[dict[str, Any]]) -> str:
@@ -268,7 +278,7 @@ def table(rows: list[dict[str, Any]]) -> str:
     syncs = [r for r in rows if r["arm"] == "sync"]
     for s in sorted(syncs, key=lambda r: (r["workers"], r["steps"], r["seed"], r["inner_lr"])):
         lines.append(f"| {s['workers']} | {s['steps']} |{cells(s)} – | sync DP | AdamW | – | – | "
-                     f"– | {s['inner_lr']:g} | {s['val_loss']:.4f} | – | 1 |")
+                     f"– | {_inner_lr_cell(s)} | {s['val_loss']:.4f} | – | 1 |")
     dil = [r for r in rows if r["arm"] == "diloco"]
     for r in sorted(dil, key=lambda r: (r["workers"], r["steps"], r.get("gap_pct", 1e9))):
         gap = f"{r['gap_pct']:+.2f}%" if "gap_pct" in r else "no sync run"
@@ -290,6 +300,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--batch-size", type=int, default=4, help="per worker and step")
     ap.add_argument("--steps", type=int, default=1200, help="inner steps per worker (budget)")
     ap.add_argument("--inner-warmup", type=int, default=50)
+    ap.add_argument("--inner-clip", type=float, default=INNER_CLIP,
+                    help="gradient-norm clip of every inner step, both arms (sync clips the "
+                         "mean gradient of all workers' batches, a DiLoCo worker its own)")
     ap.add_argument("--val-batches", type=int, default=VAL_BATCHES)
     # grid axes: every combination runs
     ap.add_argument("--workers", type=int, nargs="+", default=[4])

@@ -148,3 +148,20 @@ def test_another_val_set_is_another_run_and_another_baseline() -> None:
     lines = bq.table(rows).splitlines()
     assert "val batches" in lines[0] and lines[0].count("|") == lines[1].count("|")
     assert "val batches" not in bq.table(rows[1:]).splitlines()[0]
+
+
+def test_inner_clip_is_keyed_only_when_set_reaches_both_arms_and_sync_is_tuned_over_it() -> None:
+    row = _target_row()
+    assert bq.run_key({**row, "inner_clip": 1.0}) == row["key"]  # old rows still resume
+    assert bq.run_key({**row, "inner_clip": 2.0}) != row["key"]
+    assert bq.run_config({**row, "inner_clip": 2.0})["inner"]["clip"] == 2.0
+    args = bq.parse_args(["--steps", "100", "--H", "10", "--inner-clip", "2"])
+    assert {r["inner_clip"] for r in bq.grid(args)} == {2.0}
+    assert {r["arm"] for r in bq.grid(args)} == {"sync", "diloco"}
+    # The clip is a sync hyperparameter like its lr: the baseline is the best over both.
+    rows = [_row("sync", 2.0), _row("sync", 1.9, inner_clip=2.0),
+            _row("diloco", 1.995, H=10, codec="int8", outer_opt="sgd", outer_lr=0.7,
+                 outer_momentum=0.6, outer_warmup=0, inner_clip=2.0)]
+    bq.compare(rows)
+    assert rows[2]["sync_val_loss"] == 1.9
+    assert "| 0.002 (clip 2) |" in bq.table(rows)
