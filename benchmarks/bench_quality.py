@@ -35,7 +35,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from diloco_grow.config import OuterConfig  # noqa: E402
+from diloco_grow.config import InnerConfig, OuterConfig  # noqa: E402
 
 SHIPPED = OuterConfig()
 
@@ -47,7 +47,7 @@ DILOCO_FIELDS = SYNC_FIELDS + ("H", "codec", "outer_opt", "outer_lr", "outer_mom
 
 
 VAL_BATCHES = 16  # --val-batches default; the committed rows were measured on it
-INNER_CLIP = 1.0  # --inner-clip default (InnerConfig.clip); keyed only when another
+INNER_CLIP = InnerConfig().clip  # --inner-clip default; keyed only when another is set
 
 
 def run_key(run: dict[str, Any]) -> str:

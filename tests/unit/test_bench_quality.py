@@ -140,8 +140,7 @@ def test_another_val_set_is_another_run_and_another_baseline() -> None:
     # A DiLoCo run on 64 val batches is compared with the sync run on 64, even though the
     # sync run on the default 16 scored lower.
     rows = [_row("sync", 1.0, val_batches=16), _row("sync", 2.0, val_batches=64),
-            _row("diloco", 2.1, val_batches=64, H=10, codec="int8", outer_opt="sgd",
-                 outer_lr=0.7, outer_momentum=0.6, outer_warmup=0)]
+            _dl(2.1, 0, val_batches=64)]
     bq.compare(rows)
     assert rows[2]["sync_val_loss"] == 2.0 and abs(rows[2]["gap_pct"] - 5.0) < 1e-9
     # The table says which val set each row was measured on once a file holds two.
@@ -160,8 +159,7 @@ def test_inner_clip_is_keyed_only_when_set_reaches_both_arms_and_sync_is_tuned_o
     assert {r["arm"] for r in bq.grid(args)} == {"sync", "diloco"}
     # The clip is a sync hyperparameter like its lr: the baseline is the best over both.
     rows = [_row("sync", 2.0), _row("sync", 1.9, inner_clip=2.0),
-            _row("diloco", 1.995, H=10, codec="int8", outer_opt="sgd", outer_lr=0.7,
-                 outer_momentum=0.6, outer_warmup=0, inner_clip=2.0)]
+            _dl(1.995, 0, inner_clip=2.0)]
     bq.compare(rows)
     assert rows[2]["sync_val_loss"] == 1.9
     assert "| 0.002 (clip 2) |" in bq.table(rows)
