@@ -5,8 +5,9 @@ lineage: (step, hash, members of the round that produced it) for the last few co
 Two peers are *compatible* when their lineages agree at the latest step both know: then
 the one at the lower step is simply behind and catches up. Otherwise they *diverged* (a
 partition, a half-applied round) and the line held by more live peers wins (counting only
-peers whose state some round produced), then the line whose tip more members signed,
-then the higher step. Never "the highest step": a lone fast partition cannot overwrite
+peers whose state some round produced), then the line whose tip more live peers vouch for
+(hold it or passed through it), then the one whose tip more members signed, then the
+higher step. Never "the highest step": a lone fast partition cannot overwrite
 the majority's work, a peer that alone applied a round the others aborted is outvoted by
 them, and fresh joiners holding the initial θ_g cannot outvote a trained swarm.
 
@@ -53,15 +54,20 @@ class Branch:
     tip: PeerRecord  # the most advanced holder of this line of history
     holders: tuple[str, ...]  # live peers on this line and on no other
     signed: int  # of those, the ones holding a state some round produced (not a fresh init)
+    vouched: int  # live peers that hold the tip's state or passed through it
 
     def rank(self) -> tuple:
         # "The hash that most of the last round's members hold": first the live peers on
         # the line whose state came out of a round (fresh joiners at the initial θ_g count
-        # for nothing, however many), then the members that signed the tip, then all live
-        # holders, then the higher step.
+        # for nothing, however many), then the live peers vouching for the tip with their
+        # own records, then the members that signed the tip, then all live holders, then
+        # the higher step. Vouchers before members: the member count is the tip's own word,
+        # and one record claiming 1000 members must not decide a tie between two honest
+        # lines of equal weight (it would pick the line it sits on).
         t = self.tip
         return (
             self.signed,
+            self.vouched,
             _members(t),
             len(self.holders),
             t.arch_epoch,
@@ -97,6 +103,7 @@ def branches(records: list[PeerRecord]) -> list[Branch]:
             t,
             tuple(sorted(r.peer_id for r in holders[t.peer_id])),
             sum(_members(r) > 0 for r in holders[t.peer_id]),
+            sum(history(r).get(t.step) == t.params_hash for r in records),
         )
         for t in tips
     ]
@@ -113,17 +120,22 @@ class Verdict:
 def target(branch: Branch, records: list[PeerRecord]) -> PeerRecord:
     """The state of `branch` that the swarm has confirmed: its most advanced state that at
     least half of the line's signed holders (peers whose state a round produced) hold or
-    have passed through, and at least two peers, unless the line has only one or two.
+    have passed through, and at least two peers, unless the whole swarm (`records`) has
+    only one or two.
 
     One record claiming to be far ahead (step 10^15, on a copy of our lineage) is the tip
     of our line but confirms nothing: following the tip would hand the swarm's state to
     whoever claims the highest step. Half, not a strict majority, so that two peers that
-    committed a round while two slower ones did not still lead the way."""
+    committed a round while two slower ones did not still lead the way. The swarm, not the
+    line, decides whether one holder is enough: after two rival groups of two, the line of
+    one honest peer and the forger is a line of two, and there one record confirmed itself
+    (a CI run of tests/adversarial/test_forged_records.py). Only a swarm of two cannot
+    tell an honest peer ahead from a forger, and there the forger is half the swarm."""
     line = [r for r in records if compatible(r, branch.tip)]
     signed = [r for r in line if _members(r) > 0]
     for c in sorted(line, key=lambda r: (-r.arch_epoch, -r.step, r.params_hash)):
         holders = [r for r in line if history(r).get(c.step) == c.params_hash]
-        if len(holders) < 2 and len(line) > 2:
+        if len(holders) < 2 and len(records) > 2:
             continue
         confirmed = sum(_members(r) > 0 for r in holders)
         if 2 * confirmed >= len(signed):

@@ -1,7 +1,11 @@
 """An honest swarm of three real `diloco-grow peer` processes and one hostile peer, and
 what the honest peers must keep to whatever the hostile one does (issue #9):
 
-(a) at every step that two or more honest peers committed, their θ_g hashes are equal;
+(a) at every step after the attack that two or more honest peers committed, their θ_g
+    hashes are equal (before it the attacker behaved as an honest peer: a split there, e.g.
+    two rival groups at a loaded machine's first round, is the round protocol's own; the
+    majority line heals it, and must do so with a forger on one side: test_round_rules.py
+    `test_a_forger_on_one_of_two_rival_lines_takes_nothing_over`);
 (b) every loss is finite, and the val loss at the end is below its value at the attack;
 (c) the attacker is excluded: not a member after its offence (for attacks by a member),
     no invented member ever, no state adopted from it, no growth nobody honest voted for;
@@ -207,11 +211,12 @@ class AttackRun:
         honest_ids = {p.peer_id for p in self.honest}
         real = honest_ids | {evil}
         rows = {p.name: p.rows() for p in self.honest}
-        # (a) one θ_g per step
+        # (a) one θ_g per step, from the attacked round's outcome (attack_step + 1) on
         hashes: dict[int, dict[str, str]] = {}
         for name, rs in rows.items():
             for r in rs:
-                hashes.setdefault(r["step"], {})[name] = r["params_hash"]
+                if r["step"] > attack_step:
+                    hashes.setdefault(r["step"], {})[name] = r["params_hash"]
         for step, by in sorted(hashes.items()):
             if len(set(by.values())) > 1:
                 bad.append(f"(a) step {step}: honest θ_g hashes differ: {by}")

@@ -183,6 +183,48 @@ def test_a_fake_signed_claim_cannot_take_over_a_swarm_of_fresh_peers():
     assert not v.ok and v.source.claim == (0, 1, "h1")
 
 
+def _rival_pairs(a_ahead: bool) -> tuple[list[PeerRecord], PeerRecord]:
+    """The CI run that failed: the swarm's first round formed two rival groups of two,
+    {A, C} committing "f1" and {B, D} committing "x1"; then D (the forger) claims step 10^15
+    with 1000 members on top of x1. `a_ahead`: A also committed step 2 in a round C aborted,
+    so nobody vouches for either line's tip but the tip itself."""
+    init = (0, "init", 0)
+    honest = [rec(p, 1, "f1", (init, (1, "f1", 2))) for p in (A, C)]
+    if a_ahead:
+        honest[0] = rec(A, 2, "f2", (init, (1, "f1", 2), (2, "f2", 2)))
+    b = rec(B, 1, "x1", (init, (1, "x1", 2)))
+    fake = rec(D, 10**15, "evil", (init, (1, "x1", 2), (10**15, "evil", 1000)))
+    return [*honest, b], fake
+
+
+@pytest.mark.parametrize("a_ahead", [False, True], ids=["tips-held-by-two", "tips-held-by-one"])
+def test_a_forger_on_one_of_two_rival_lines_takes_nothing_over(a_ahead):
+    """Issue 9, attack 2, after a split: the forger's line holds one honest peer, so the
+    line has only two records, and the claimed 1000 members outranked the other line."""
+    honest, fake = _rival_pairs(a_ahead)
+    recs = [*honest, fake]
+    for r in honest:
+        v = verdict(r, recs)
+        assert v.ok or v.source.claim[1] < 10**15, v.reason
+        assert v.source is None or v.source.peer_id != D
+    if not a_ahead:
+        # The line two peers vouch for wins over the tip vouched for by itself alone: B
+        # resyncs onto f1, A and C keep it.
+        assert [b.vouched for b in branches(recs)] == [2, 1]
+        v = verdicts(recs)
+        assert v[A].ok and v[C].ok
+        assert not v[B].ok and v[B].source.claim == (0, 1, "f1") and "diverged" in v[B].reason
+    else:
+        # One voucher each: the claimed members decide the line, but on it only x1, which
+        # B and D both hold or passed through, is confirmed; the swarm converges on it.
+        v = verdicts(recs)
+        assert v[B].ok
+        for p in (A, C):
+            assert not v[p].ok and v[p].source.claim == (0, 1, "x1") and v[p].source.peer_id == B
+    # In a swarm of two a single holder still leads the way (nobody else could confirm).
+    assert not verdict(honest[2], [honest[2], fake]).ok
+
+
 def _fork(common: int, maj_step: int, lone_step: int) -> tuple[list[PeerRecord], PeerRecord]:
     """Three peers on line "m", one lone peer on line "x", forked after step `common`."""
     base = chain("h", range(0, common + 1), members=4)
