@@ -25,6 +25,7 @@ from diloco_grow.worker import GlobalState
 from peers.errors import RoundAborted
 from peers.group import Group, RoundRequest
 from peers.leader import Leader
+from peers.lineage import members_at
 from peers.membership import Matchmaker
 from peers.messages import Member
 from peers.records import Announcement
@@ -271,6 +272,23 @@ def evict(mm: Matchmaker, req: RoundRequest, attempt: int, leader: Member) -> No
 
 
 # ---- items 2 and 7: at a round boundary, from the app -------------------------------
+
+
+def swarm_is_up(app: PeerApp, honest: int = 3) -> bool:
+    """Do `honest` other live peers hold a state some round produced? The takeover is an
+    attack on a swarm of three honest peers. On a loaded machine two of them may still be
+    starting when our θ_g reaches the attack's step, and in a swarm of two (one honest
+    peer and us) the records cannot tell a forger from an honest peer that is ahead
+    (docs/design.md, "The majority line"): we would be half the swarm. So the attack waits
+    for the swarm it attacks, until every honest peer has committed or adopted a round's
+    state: their records have then been out for a while, also in the others' views."""
+    me = app.swarm.peer_id
+    others = [
+        r
+        for r in app.swarm.view.live(fresh=True)
+        if r.peer_id != me and members_at(r.lineage, r.step) > 0
+    ]
+    return len(others) >= honest
 
 
 def takeover(app: PeerApp) -> GlobalState:

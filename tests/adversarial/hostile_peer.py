@@ -128,7 +128,7 @@ class HostileApp(diloco_grow.peer.PeerApp):
 
     def _inner_phase(self) -> InnerStats:
         s = self.g.step
-        if PLAN.active("takeover", s):
+        if PLAN.active("takeover", s) and atk.swarm_is_up(self):  # else: at a later step
             self.forged, self.idle = atk.takeover(self), True
         if PLAN.active("flood", s):
             PLAN.fired.add("flood")  # once: the thread reports when it starts

@@ -12,7 +12,8 @@ from attack_harness import AttackRun
 
 @pytest.mark.timeout(420)
 def test_record_claiming_step_1e15_takes_no_one_over(tmp_path, procs):
-    """Item 2: once at step 1, the attacker's record claims step 10^15 on the swarm's own
+    """Item 2: at step 1 or later, once the three honest peers hold a round's state
+    (attacks.swarm_is_up), the attacker's record claims step 10^15 on the swarm's own
     line with 1000 members, and its state server serves a θ_g of zeros at that step under
     the hash it claims. Honest peers must not download it (no "adopted ... from" it, no
     step near 10^15), and must keep committing and learning."""
