@@ -39,6 +39,11 @@ def compatible(a: PeerRecord, b: PeerRecord) -> bool:
     return ha[s] == hb[s]
 
 
+def vouches(r: PeerRecord, state: PeerRecord) -> bool:
+    """Does r hold `state`'s θ_g or has it passed through it (its own signed word)?"""
+    return history(r).get(state.step) == state.params_hash
+
+
 def members_at(lineage: list | tuple, step: int) -> int:
     """How many members signed the round that produced `step` in this lineage (0: none,
     e.g. a fresh init or a step older than the lineage remembers)."""
@@ -103,7 +108,7 @@ def branches(records: list[PeerRecord]) -> list[Branch]:
             t,
             tuple(sorted(r.peer_id for r in holders[t.peer_id])),
             sum(_members(r) > 0 for r in holders[t.peer_id]),
-            sum(history(r).get(t.step) == t.params_hash for r in records),
+            sum(vouches(r, t) for r in records),
         )
         for t in tips
     ]
@@ -134,7 +139,7 @@ def target(branch: Branch, records: list[PeerRecord]) -> PeerRecord:
     line = [r for r in records if compatible(r, branch.tip)]
     signed = [r for r in line if _members(r) > 0]
     for c in sorted(line, key=lambda r: (-r.arch_epoch, -r.step, r.params_hash)):
-        holders = [r for r in line if history(r).get(c.step) == c.params_hash]
+        holders = [r for r in line if vouches(r, c)]
         if len(holders) < 2 and len(records) > 2:
             continue
         confirmed = sum(_members(r) > 0 for r in holders)
